@@ -1,0 +1,163 @@
+"""Visual granularity selectors: the AVG-LLaVA router (METHOD 1.2) and its baselines.
+
+Every selector maps a batch to router logits (B, N) over the granularities (coarse to fine) and a
+chosen level per sample. The router routes each tile (global view and local tiles) on its own,
+attending across that tile's tokens (batch-first: pitfall 1), and averages the tile logits per
+image, so images of one batch never see each other (pitfall 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterInput:
+    """What a selector sees for a batch.
+
+    Attributes:
+        levels: per level l, (T_total, C, rows_l, cols_l) pooled tiles of every image in the batch.
+        tile_owner: (T_total,) sample index of each tile.
+        instruction: (B, Q, C) LLM input embeddings of the user's instruction tokens, zero-padded.
+        instruction_mask: (B, Q) True on real instruction tokens (never on padding or system prompt).
+        batch_size: B.
+    """
+
+    levels: list[torch.Tensor]
+    tile_owner: torch.Tensor
+    instruction: torch.Tensor
+    instruction_mask: torch.Tensor
+    batch_size: int
+
+
+def filter_instruction(
+    instruction: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keeps the k instruction tokens most similar to the finest visual tokens (METHOD 1.2 step 1).
+
+    Args:
+        instruction: (T, Q, C) instruction embeddings per tile.
+        mask: (T, Q) valid instruction tokens.
+        visual: (T, V, C) finest-level visual tokens per tile.
+        k: tokens to keep.
+
+    Returns:
+        (T, k, C) kept tokens (zero where fewer than k were valid) and their (T, k) validity mask;
+        padding is never picked because its score is -inf and its slot stays masked.
+    """
+    sim = F.normalize(instruction, dim=-1) @ F.normalize(visual, dim=-1).transpose(1, 2)  # (T, Q, V)
+    score = sim.mean(dim=-1).masked_fill(~mask, float("-inf"))  # (T, Q)
+    if score.shape[1] < k:  # fewer instruction slots than k: pad so topk is defined
+        score = F.pad(score, (0, k - score.shape[1]), value=float("-inf"))
+        instruction = F.pad(instruction, (0, 0, 0, k - instruction.shape[1]))
+    top = score.topk(k, dim=1)
+    kept = instruction.gather(1, top.indices[..., None].expand(-1, -1, instruction.shape[-1]))
+    valid = torch.isfinite(top.values)
+    return kept * valid[..., None], valid
+
+
+class GranularityRouter(nn.Module):
+    """AVG-LLaVA's router: instruction filter, one Transformer layer, MLP to N logits, voter W.
+
+    Args:
+        hidden_size: LLM embedding size C.
+        tokens_per_tile: granularity token counts, coarse to fine (sets the sequence length).
+        k: instruction tokens kept (0 = image-only router, ablation (c)).
+        num_heads: attention heads of the Transformer layer.
+        ffn_size: feed-forward size of the Transformer layer.
+        mlp_size: hidden size of the token-to-logits MLP.
+        dropout: dropout inside the Transformer layer.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        tokens_per_tile: list[int],
+        k: int = 32,
+        num_heads: int = 8,
+        ffn_size: int | None = None,
+        mlp_size: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if k < 0:
+            raise ValueError(f"router.k must be >= 0 (0 = image-only), got {k}")
+        if hidden_size % num_heads:
+            raise ValueError(f"router.num_heads={num_heads} must divide the LLM hidden size {hidden_size}")
+        self.k = k
+        self.num_levels = len(tokens_per_tile)
+        self.seq_len = sum(tokens_per_tile) + k  # L = 36+72+144+288+576+32 = 1148 in the paper
+        self.layer = nn.TransformerEncoderLayer(
+            hidden_size,
+            num_heads,
+            dim_feedforward=ffn_size or 4 * hidden_size,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,  # attend across the L tokens of a tile, not across tiles (pitfall 1)
+            norm_first=True,
+        )
+        mlp_size = mlp_size or hidden_size
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.GELU(), nn.Linear(mlp_size, self.num_levels))
+        self.voter = nn.Parameter(torch.full((self.seq_len,), 1.0 / self.seq_len))  # W in R^{1 x L}
+
+    def forward(self, inputs: RouterInput) -> torch.Tensor:
+        """Router logits per sample.
+
+        Returns:
+            (B, N) logits: Z_final = W Z_out per tile, averaged over the tiles of each image.
+            Samples without an image get zeros (a uniform distribution).
+        """
+        tokens = [lvl.flatten(2).transpose(1, 2) for lvl in inputs.levels]  # each (T, n_l, C)
+        visual = torch.cat(tokens, dim=1)  # (T, sum n_l, C)
+        valid = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
+        if self.k:
+            owner = inputs.tile_owner
+            kept, kept_valid = filter_instruction(
+                inputs.instruction[owner], inputs.instruction_mask[owner], tokens[-1], self.k
+            )
+            visual = torch.cat([visual, kept.to(visual.dtype)], dim=1)  # (T, L, C)
+            valid = torch.cat([valid, kept_valid], dim=1)
+        hidden = self.layer(visual, src_key_padding_mask=~valid)
+        token_logits = self.mlp(hidden) * valid[..., None]  # Z_out (T, L, N); padding votes nothing
+        tile_logits = torch.einsum("l,tln->tn", self.voter.to(token_logits.dtype), token_logits)
+        return average_per_sample(tile_logits, inputs.tile_owner, inputs.batch_size)
+
+
+def average_per_sample(tile_values: torch.Tensor, owner: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean of (T, N) tile values per owning sample -> (B, N); samples with no tile get zeros."""
+    total = tile_values.new_zeros(batch_size, tile_values.shape[1]).index_add(0, owner, tile_values)
+    count = torch.bincount(owner, minlength=batch_size).clamp(min=1).to(tile_values.dtype)
+    return total / count[:, None]
+
+
+class FixedSelector(nn.Module):
+    """Always the same granularity (ablation (a)); logits are one-hot scaled so argmax is the level."""
+
+    def __init__(self, num_levels: int, level: int):
+        super().__init__()
+        if not -num_levels <= level < num_levels:
+            raise ValueError(f"router.level={level} is outside the {num_levels} configured granularities")
+        self.num_levels, self.level = num_levels, level % num_levels
+
+    def forward(self, inputs: RouterInput) -> torch.Tensor:
+        """(B, N) logits peaked at the fixed level."""
+        device = inputs.tile_owner.device
+        return F.one_hot(torch.full((inputs.batch_size,), self.level, device=device), self.num_levels).float()
+
+
+class RandomSelector(nn.Module):
+    """A uniformly random granularity per sample (ablation (b)), seeded for reproducibility."""
+
+    def __init__(self, num_levels: int, seed: int = 0):
+        super().__init__()
+        self.num_levels = num_levels
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, inputs: RouterInput) -> torch.Tensor:
+        """(B, N) one-hot logits of a random level per sample."""
+        levels = torch.randint(self.num_levels, (inputs.batch_size,), generator=self.generator)
+        return F.one_hot(levels, self.num_levels).float().to(inputs.tile_owner.device)
