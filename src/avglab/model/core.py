@@ -128,13 +128,19 @@ class AvgCore(nn.Module):
         return torch.tensor(rows, dtype=torch.long)
 
     # ----------------------------------------------------------------- vision
-    def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, has_image: torch.Tensor) -> Encoded:
-        """Vision tower + projector once, then every granularity.
+    def project(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, has_image: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Vision tower + projector, once per tile.
 
         Args:
             pixel_values: (B, T_max, 3, S, S) zero-padded tiles (HF processor format).
             image_sizes: (B, 2) original (height, width).
             has_image: (B,) bool.
+
+        Returns:
+            (T_total, C, grid, grid) projected tiles (None if no sample has an image) and the
+            (T_total,) sample index of each tile.
         """
         counts = [
             num_tiles(size, self.config.image_grid_pinpoints, self.tile_size) if present else 0
@@ -143,7 +149,7 @@ class AvgCore(nn.Module):
         device = self.llava.device
         owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
         if not any(counts):
-            return Encoded([], owner, has_image.to(device))
+            return None, owner
         vision = self.llava.model.vision_tower
         pixels = torch.cat([pixel_values[i, :n] for i, n in enumerate(counts) if n]).to(device, vision.dtype)
         out = vision(pixels, output_hidden_states=True, return_dict=True)
@@ -156,8 +162,17 @@ class AvgCore(nn.Module):
         if self.config.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # drop CLS
         proj = self.llava.model.multi_modal_projector(feats)  # (T, grid*grid, C)
-        tiles = proj.transpose(1, 2).reshape(proj.shape[0], proj.shape[2], self.grid, self.grid)  # (T, C, g, g)
-        return Encoded(self.scaler(tiles), owner, has_image.to(device))
+        return proj.transpose(1, 2).reshape(proj.shape[0], proj.shape[2], self.grid, self.grid), owner
+
+    def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, has_image: torch.Tensor) -> Encoded:
+        """``project`` then the scaler: every granularity of every tile (shapes as in ``project``)."""
+        tiles, owner = self.project(pixel_values, image_sizes, has_image)
+        return self.pyramid(tiles, owner, has_image)
+
+    def pyramid(self, tiles: torch.Tensor | None, owner: torch.Tensor, has_image: torch.Tensor) -> Encoded:
+        """Pools projected tiles (T, C, grid, grid) to all levels."""
+        levels = self.scaler(tiles) if tiles is not None else []
+        return Encoded(levels, owner, has_image.to(owner.device))
 
     def pack(self, encoded: Encoded, image_sizes: torch.Tensor, levels: torch.Tensor) -> list[torch.Tensor | None]:
         """Visual token sequence per entry: entry i packs sample ``owner_map[i]`` at ``levels[i]``.

@@ -1,0 +1,3 @@
+from avglab.cli import main
+
+main()

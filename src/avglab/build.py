@@ -1,0 +1,136 @@
+"""Builds the pieces a run needs from the composed config: tokenizer, model, selector, data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import AutoTokenizer
+
+from avglab.data.datamodule import ShardDataModule, build_image_processor
+from avglab.data.synth import SynthConfig, ensure_synth_shards, synth_vocabulary
+from avglab.data.tokenizer import build_word_tokenizer
+from avglab.model.builders import pretrained_llava, tiny_llava
+from avglab.model.core import AvgCore
+from avglab.model.router import FixedSelector, GranularityRouter, RandomSelector
+from avglab.model.scaler import GranularityScaler
+
+SELECTORS = ("avg", "image_only", "fixed", "random", "none")
+
+
+def synth_config(data: DictConfig) -> SynthConfig:
+    """The generator's config from ``data.synth``."""
+    fields = OmegaConf.to_container(data.synth, resolve=True)
+    fields["image_sizes"] = [tuple(s) for s in fields.get("image_sizes", [])] or SynthConfig().image_sizes
+    return SynthConfig(**fields)
+
+
+def model_grid(model: DictConfig) -> int:
+    """Tokens per tile side, known before any weight is loaded (for early config errors)."""
+    if model.builder == "tiny":
+        return model.tile_size // model.patch_size
+    from transformers import AutoConfig
+
+    vision = AutoConfig.from_pretrained(model.path).vision_config
+    return vision.image_size // vision.patch_size
+
+
+def check_router(cfg: DictConfig, grid: int) -> None:
+    """Fails on a router config that cannot work, naming the key, before the model is built."""
+    router = cfg.router
+    if router.kind not in SELECTORS:
+        raise ValueError(f"router.kind={router.kind!r}: choose one of {SELECTORS}")
+    GranularityScaler(grid, list(router.granularities))  # raises on granularities off the grid
+    if router.kind == "avg" and router.k < 1:
+        raise ValueError(f"router.k={router.k}: must be >= 1 (router=image_only routes without instruction tokens)")
+    if router.kind == "fixed" and router.granularity is not None and router.granularity not in router.granularities:
+        raise ValueError(
+            f"router.granularity={router.granularity} is not one of router.granularities={list(router.granularities)}"
+        )
+
+
+def build_tokenizer(cfg: DictConfig):
+    """A checkpoint's own tokenizer, or for ``model=tiny`` a word-level one built from the data vocabulary."""
+    if cfg.model.builder != "tiny":
+        return AutoTokenizer.from_pretrained(cfg.model.path)
+    words = synth_vocabulary(synth_config(cfg.data))
+    digest = hashlib.sha256(json.dumps(sorted(words)).encode()).hexdigest()[:12]
+    folder = Path(cfg.workspace) / "tokenizers" / digest
+    if not (folder / "tokenizer.json").exists():
+        build_word_tokenizer(words, folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_llava(cfg: DictConfig, tokenizer):
+    """The LLaVA-NeXT model: tiny random (seeded) or a pretrained checkpoint."""
+    m = cfg.model
+    if m.builder == "tiny":
+        return tiny_llava(
+            vocab_size=len(tokenizer),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            pad_token_id=tokenizer.pad_token_id,
+            tile_size=m.tile_size,
+            patch_size=m.patch_size,
+            vision_hidden=m.vision_hidden,
+            vision_layers=m.vision_layers,
+            text_hidden=m.text_hidden,
+            text_layers=m.text_layers,
+            seed=cfg.seed,
+        )
+    return pretrained_llava(m.path, m.dtype, m.get("attn_implementation"))
+
+
+def build_selector(router: DictConfig, hidden_size: int) -> nn.Module | None:
+    """The configured selector over ``router.granularities``."""
+    levels = list(router.granularities)
+    if router.kind in ("avg", "image_only"):
+        return GranularityRouter(
+            hidden_size,
+            levels,
+            k=router.k if router.kind == "avg" else 0,
+            num_heads=router.num_heads,
+            ffn_size=router.ffn_size,
+            mlp_size=router.mlp_size,
+            dropout=router.dropout,
+        )
+    if router.kind == "fixed":
+        granularity = router.granularity if router.granularity is not None else levels[-1]
+        return FixedSelector(len(levels), levels.index(granularity))
+    if router.kind == "random":
+        return RandomSelector(len(levels), router.seed)
+    return None
+
+
+def build_core(cfg: DictConfig):
+    """Tokenizer, image processor and the core, after the router config has been checked."""
+    check_router(cfg, model_grid(cfg.model))
+    tokenizer = build_tokenizer(cfg)
+    llava = build_llava(cfg, tokenizer)
+    image_processor = build_image_processor(llava.config.vision_config.image_size, llava.config.image_grid_pinpoints)
+    selector = build_selector(cfg.router, llava.config.text_config.hidden_size)
+    return tokenizer, image_processor, AvgCore(llava, list(cfg.router.granularities), selector)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer, image_processor, eval_batch_size: int | None = None):
+    """The WebDataset datamodule over the configured shards (synth shards are written on first use)."""
+    data = cfg.data
+    if data.kind == "synth":
+        urls = ensure_synth_shards(synth_config(data), Path(data.root))
+    else:
+        urls = {split: sorted(str(p) for p in Path(data.root).glob(f"{split}-*.tar")) for split in ("train", "val", "test")}
+    return ShardDataModule(
+        urls=urls,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        template=data.template,
+        batch_size=data.batch_size,
+        eval_batch_size=eval_batch_size or data.eval_batch_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=cfg.seed,
+        max_length=data.max_length,
+        epoch_samples=data.epoch_samples,
+    )

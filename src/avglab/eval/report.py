@@ -1,0 +1,90 @@
+"""Evaluation records -> metrics.json fields, a printed table and the routing figure (Fig. 5)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from statistics import mean, median
+
+TOKEN_NOTE = (
+    "visual tokens fed to the LLM's first layer per sample: global view + unpadded local map + one "
+    "image_newline per row (LLaVA-NeXT packing); 'full' is the same image at the finest granularity"
+)
+LATENCY_NOTE = (
+    "milliseconds per sample at batch size 1, medians: vision_projector = vision tower + projector; "
+    "selection = scaler + router + packing; prefill = prompt pass to the first token; decode = later tokens"
+)
+
+
+def summarize(records: list[dict], granularities: list[int]) -> dict:
+    """Aggregates per-sample records of one selector.
+
+    Args:
+        records: dicts with correct, question_type, level, visual_tokens, visual_tokens_full, latency_ms.
+        granularities: tokens per tile of each level (histogram keys).
+    """
+    if not records:
+        raise ValueError("no evaluation samples: the test split is empty or every sample was skipped")
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_type[r["question_type"]].append(r["correct"])
+    levels = Counter(r["level"] for r in records)
+    hist_by_type: dict[str, dict[str, int]] = {}
+    for qtype in by_type:
+        counts = Counter(r["level"] for r in records if r["question_type"] == qtype)
+        hist_by_type[qtype] = {str(g): counts.get(i, 0) for i, g in enumerate(granularities)}
+    tokens = mean(r["visual_tokens"] for r in records)
+    full = mean(r["visual_tokens_full"] for r in records)
+    phases = records[0]["latency_ms"].keys()
+    return {
+        "samples": len(records),
+        "accuracy": mean(r["correct"] for r in records),
+        "accuracy_by_type": {t: mean(v) for t, v in sorted(by_type.items())},
+        "visual_tokens_mean": tokens,
+        "visual_tokens_full_mean": full,
+        "token_reduction": 1 - tokens / full if full else 0.0,
+        "granularity_histogram": {str(g): levels.get(i, 0) for i, g in enumerate(granularities)},
+        "granularity_histogram_by_type": hist_by_type,
+        "latency_ms": {p: median(r["latency_ms"][p] for r in records) for p in phases},
+    }
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A Markdown table: one row per selector (routed and fixed levels)."""
+    types = sorted({t for m in results.values() for t in m["accuracy_by_type"]})
+    head = ["selector", "accuracy", *[f"acc {t}" for t in types], "visual tokens", "vs full", "latency ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results.items():
+        row = [
+            name,
+            f"{100 * m['accuracy']:.1f}",
+            *[f"{100 * m['accuracy_by_type'].get(t, float('nan')):.1f}" for t in types],
+            f"{m['visual_tokens_mean']:.1f}",
+            f"{100 * (1 - m['token_reduction']):.1f}%",
+            f"{m['latency_ms']['total']:.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def histogram_figure(hist_by_type: dict[str, dict[str, int]], title: str):
+    """The paper's Fig. 5: share of samples per granularity, one bar group per question type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    types = sorted(hist_by_type)
+    levels = list(next(iter(hist_by_type.values())).keys()) if hist_by_type else []
+    width = 0.8 / max(1, len(types))
+    for i, qtype in enumerate(types):
+        counts = hist_by_type[qtype]
+        total = max(1, sum(counts.values()))
+        ax.bar([x + i * width for x in range(len(levels))], [counts[g] / total for g in levels], width, label=qtype)
+    ax.set_xticks([x + width * (len(types) - 1) / 2 for x in range(len(levels))], levels)
+    ax.set_xlabel("granularity (visual tokens per tile)")
+    ax.set_ylabel("share of samples")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig

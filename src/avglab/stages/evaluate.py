@@ -1,0 +1,145 @@
+"""Evaluation stage: greedy answers, accuracy by question type, tokens, routing and latency."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from avglab.eval.metrics import exact_match
+from avglab.eval.report import LATENCY_NOTE, TOKEN_NOTE, format_table, histogram_figure, summarize
+from avglab.model.core import AvgCore
+from avglab.model.generation import greedy_generate, synchronize
+
+log = logging.getLogger(__name__)
+
+
+class EvalStage(L.LightningModule):
+    """Runs the configured selector (and optionally every fixed level) over the test split.
+
+    Args:
+        core: the shared core with its selector.
+        tokenizer: decodes the generated ids.
+        out_dir: where metrics.json, predictions.jsonl and the routing figure go.
+        selector_name: label of the configured selector in tables.
+        compare_fixed: also evaluate each fixed granularity on the same samples.
+        max_new_tokens: generation budget per answer.
+        fingerprint: config hash and package versions recorded with the metrics.
+    """
+
+    def __init__(
+        self,
+        core: AvgCore,
+        tokenizer,
+        out_dir: Path,
+        selector_name: str,
+        compare_fixed: bool = True,
+        max_new_tokens: int = 8,
+        fingerprint: dict | None = None,
+    ):
+        super().__init__()
+        self.core = core
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir)
+        self.selector_name = selector_name
+        levels = list(range(core.scaler.num_levels)) if compare_fixed else []
+        self.modes: list[tuple[str, int | None]] = [(selector_name, None)] + [
+            (f"fixed@{g}", i) for i, g in zip(levels, core.scaler.granularities, strict=False)
+        ]
+        self.max_new_tokens = max_new_tokens
+        self.fingerprint = fingerprint or {}
+        self.records: dict[str, list[dict]] = {name: [] for name, _ in self.modes}
+        self.results: dict[str, dict] = {}
+
+    def timed(self, fn, *args):
+        """Runs fn and returns (result, milliseconds), synchronising GPU work."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = fn(*args)
+        synchronize(self.device)
+        return out, (time.perf_counter() - start) * 1e3
+
+    @torch.no_grad()
+    def answer(self, batch: dict, level: int | None) -> list[dict]:
+        """Generates answers for one batch with the selector (level None) or a fixed level."""
+        core = self.core
+        (tiles, owner), t_vision = self.timed(core.project, batch["pixel_values"], batch["image_sizes"], batch["has_image"])
+
+        def select_and_pack():
+            encoded = core.pyramid(tiles, owner, batch["has_image"])
+            levels, _ = core.select(encoded, batch) if level is None else (None, None)
+            if levels is None:
+                levels = torch.full((len(batch["input_ids"]),), level)
+            return levels, core.pack(encoded, batch["image_sizes"], levels)
+
+        (levels, visual), t_select = self.timed(select_and_pack)
+        prompt = core.splice(batch["prompt_input_ids"], batch["prompt_attention_mask"], visual, padding_side="left")
+        generated = greedy_generate(core, prompt, self.max_new_tokens, self.tokenizer.eos_token_id)
+        full = core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu())[:, -1]
+        size = len(batch["input_ids"])
+        latency = {
+            "vision_projector": t_vision / size,
+            "selection": t_select / size,
+            "prefill": generated.prefill_ms / size,
+            "decode": generated.decode_ms / size,
+        }
+        latency["total"] = sum(latency.values())
+        records = []
+        for i in range(size):
+            ids = generated.tokens[i].tolist()
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in ids else ids
+            prediction = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            has_image = bool(batch["has_image"][i])
+            records.append(
+                {
+                    "id": batch["ids"][i],
+                    "question_type": batch["question_type"][i],
+                    "prediction": prediction,
+                    "answers": batch["answers"][i],
+                    "correct": exact_match(prediction, batch["answers"][i]),
+                    "level": int(levels[i]) if has_image else -1,
+                    "granularity": core.scaler.granularities[int(levels[i])] if has_image else 0,
+                    "visual_tokens": 0 if visual[i] is None else len(visual[i]),
+                    "visual_tokens_full": int(full[i]),
+                    "latency_ms": latency,
+                }
+            )
+        return records
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        for name, level in self.modes:
+            self.records[name] += self.answer(batch, level)
+
+    def on_test_epoch_end(self) -> None:
+        granularities = self.core.scaler.granularities
+        self.results = {name: summarize(recs, granularities) for name, recs in self.records.items()}
+        main = dict(self.results[self.selector_name])
+        main.update(
+            selector=self.selector_name,
+            token_counting=TOKEN_NOTE,
+            latency_note=LATENCY_NOTE,
+            granularities=granularities,
+            fixed_levels={k: v for k, v in self.results.items() if k != self.selector_name},
+            fingerprint=self.fingerprint,
+        )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "metrics.json").write_text(json.dumps(main, indent=2))
+        with open(self.out_dir / "predictions.jsonl", "w") as f:
+            for record in self.records[self.selector_name]:
+                f.write(json.dumps(record) + "\n")
+        fig = histogram_figure(main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}")
+        fig.savefig(self.out_dir / "granularity_histogram.png", dpi=100)
+        if self.logger is not None:
+            for name, m in self.results.items():
+                scalars = {f"eval/{name}/accuracy": m["accuracy"], f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"]}
+                scalars.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
+                self.logger.log_metrics(scalars, step=0)
+            self.logger.experiment.add_figure("eval/granularity_histogram", fig)
+        print(format_table(self.results))
+        print(f"granularity histogram ({self.selector_name}, by question type): {main['granularity_histogram_by_type']}")
+        print(f"latency ({LATENCY_NOTE}): {main['latency_ms']}")
+        print(f"tokens: {TOKEN_NOTE}")

@@ -1,0 +1,71 @@
+"""Stage 4: RGLF, ranking granularities to align with LMM feedback (Eqs. 4-9); router only."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from avglab.model.core import AvgCore
+from avglab.model.losses import apply_token_cost, rglf_loss
+from avglab.stages.base import StageModule
+
+
+class RglfStage(StageModule):
+    """Trains the router on the frozen LMM's per-granularity answer scores.
+
+    Args:
+        core: the shared core; its selector must be a trainable router.
+        stage: stage config: alpha, tie_eps, token_cost (an optional price per visual token
+            subtracted from the feedback; 0 = the paper) and the optimizer settings.
+    """
+
+    def __init__(self, core: AvgCore, stage: DictConfig):
+        if core.selector is None or not any(True for _ in core.selector.parameters()):
+            raise ValueError("stage=rglf trains a router: use router=avg or router=image_only, not fixed/random")
+        super().__init__(core, stage)
+        self.token_cost = stage.token_cost
+        self.skipped = {"no_answer": 0, "tied": 0}
+
+    @torch.no_grad()
+    def feedback(self, batch: dict):
+        """One vision pass and one batched LLM pass over all N levels (Eq. 4), no gradient.
+
+        Returns:
+            The encoded pyramid (reused as router input), feedback r (B, N) after the optional
+            token cost, and the (B, N) visual token counts per level.
+        """
+        encoded = self.core.encode(batch["pixel_values"], batch["image_sizes"], batch["has_image"])
+        scores, _, _ = self.core.all_levels(batch, encoded)
+        tokens = self.core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu()).to(scores.device)
+        return encoded, apply_token_cost(scores, tokens, self.token_cost), tokens
+
+    def rglf_step(self, batch: dict, split: str) -> torch.Tensor:
+        """Eq. 9 on one batch, with routing statistics."""
+        encoded, feedback, tokens = self.feedback(batch)
+        logits = self.core.selector(self.core.router_input(encoded, batch["input_ids"], batch["instruction_mask"]))
+        loss = rglf_loss(logits, feedback, alpha=self.stage.alpha, tie_eps=self.stage.tie_eps)
+        size = self.batch_size(batch)
+        no_answer = int((~torch.isfinite(feedback).all(dim=1)).sum())
+        tied = int((~loss.usable).sum()) - no_answer
+        if split == "train":
+            self.skipped["no_answer"] += no_answer
+            self.skipped["tied"] += tied
+            self.log("train/skipped_no_answer_total", float(self.skipped["no_answer"]), batch_size=size)
+            self.log("train/tied_total", float(self.skipped["tied"]), batch_size=size)
+        chosen = logits.argmax(-1)
+        usable = loss.ce_usable
+        self.log(f"{split}/loss", loss.total, prog_bar=True, batch_size=size)
+        self.log(f"{split}/loss_rank", loss.rank, batch_size=size)
+        self.log(f"{split}/loss_ce", loss.ce, batch_size=size)
+        if usable.any():
+            agree = (chosen[usable] == loss.best[usable]).float().mean()
+            self.log(f"{split}/router_picks_best", agree, prog_bar=True, batch_size=size)
+        picked_tokens = tokens.gather(1, chosen[:, None]).float()
+        self.log(f"{split}/visual_tokens_routed_mean", picked_tokens.mean(), batch_size=size)
+        return loss.total
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.rglf_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.rglf_step(batch, "val")
