@@ -10,7 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer
 
-from avglab.data.datamodule import ShardDataModule, build_image_processor
+from avglab.data.datamodule import ShardDataModule
+from avglab.data.processor import build_image_processor
 from avglab.data.synth import SynthConfig, ensure_synth_shards, synth_vocabulary
 from avglab.data.tokenizer import build_word_tokenizer
 from avglab.model.builders import pretrained_llava, tiny_llava
@@ -23,9 +24,7 @@ SELECTORS = ("avg", "image_only", "fixed", "random", "none")
 
 def synth_config(data: DictConfig) -> SynthConfig:
     """The generator's config from ``data.synth``."""
-    fields = OmegaConf.to_container(data.synth, resolve=True)
-    fields["image_sizes"] = [tuple(s) for s in fields.get("image_sizes", [])] or SynthConfig().image_sizes
-    return SynthConfig(**fields)
+    return SynthConfig(**OmegaConf.to_container(data.synth, resolve=True))
 
 
 def model_grid(model: DictConfig) -> int:
@@ -45,10 +44,17 @@ def check_router(cfg: DictConfig, grid: int) -> None:
         raise ValueError(f"router.kind={router.kind!r}: choose one of {SELECTORS}")
     GranularityScaler(grid, list(router.granularities))  # raises on granularities off the grid
     if router.kind == "avg" and router.k < 1:
-        raise ValueError(f"router.k={router.k}: must be >= 1 (router=image_only routes without instruction tokens)")
-    if router.kind == "fixed" and router.granularity is not None and router.granularity not in router.granularities:
         raise ValueError(
-            f"router.granularity={router.granularity} is not one of router.granularities={list(router.granularities)}"
+            f"router.k={router.k}: must be >= 1 (router=image_only routes without instruction tokens)"
+        )
+    if (
+        router.kind == "fixed"
+        and router.granularity is not None
+        and router.granularity not in router.granularities
+    ):
+        raise ValueError(
+            f"router.granularity={router.granularity} is not one of "
+            f"router.granularities={list(router.granularities)}"
         )
 
 
@@ -74,6 +80,7 @@ def build_llava(cfg: DictConfig, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
             tile_size=m.tile_size,
             patch_size=m.patch_size,
+            grid_pinpoints=OmegaConf.to_container(m.grid_pinpoints),
             vision_hidden=m.vision_hidden,
             vision_layers=m.vision_layers,
             text_hidden=m.text_hidden,
@@ -109,7 +116,9 @@ def build_core(cfg: DictConfig):
     check_router(cfg, model_grid(cfg.model))
     tokenizer = build_tokenizer(cfg)
     llava = build_llava(cfg, tokenizer)
-    image_processor = build_image_processor(llava.config.vision_config.image_size, llava.config.image_grid_pinpoints)
+    image_processor = build_image_processor(
+        llava.config.vision_config.image_size, llava.config.image_grid_pinpoints
+    )
     selector = build_selector(cfg.router, llava.config.text_config.hidden_size)
     return tokenizer, image_processor, AvgCore(llava, list(cfg.router.granularities), selector)
 
@@ -120,7 +129,10 @@ def build_datamodule(cfg: DictConfig, tokenizer, image_processor, eval_batch_siz
     if data.kind == "synth":
         urls = ensure_synth_shards(synth_config(data), Path(data.root))
     else:
-        urls = {split: sorted(str(p) for p in Path(data.root).glob(f"{split}-*.tar")) for split in ("train", "val", "test")}
+        urls = {
+            split: sorted(str(p) for p in Path(data.root).glob(f"{split}-*.tar"))
+            for split in ("train", "val", "test")
+        }
     return ShardDataModule(
         urls=urls,
         tokenizer=tokenizer,

@@ -46,7 +46,8 @@ def resolve_init(cfg: DictConfig) -> Path | None:
     if not record.exists():
         raise HandoffError(
             f"stage={cfg.stage.name} starts from stage {previous!r}, which has no output in workspace "
-            f"{cfg.workspace}. Run `python -m avglab stage={previous}` first (or `make demo`), or pass init_from=<folder>."
+            f"{cfg.workspace}. Run `python -m avglab stage={previous}` first (or `make demo`), "
+            "or pass init_from=<folder>."
         )
     return Path(json.loads(record.read_text())["path"])
 
@@ -57,18 +58,24 @@ def resolve_ckpt(cfg: DictConfig) -> str | None:
         return cfg.ckpt_path
     found = sorted(Path(cfg.workspace, "runs", cfg.stage.name).glob("*/checkpoints/last.ckpt"))
     if not found:
-        raise HandoffError(f"ckpt_path=last: no checkpoints/last.ckpt under {cfg.workspace}/runs/{cfg.stage.name}")
+        raise HandoffError(
+            f"ckpt_path=last: no checkpoints/last.ckpt under {cfg.workspace}/runs/{cfg.stage.name}"
+        )
     return str(found[-1])
 
 
 def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
     """Config hash, init weights and package versions recorded with every output."""
-    text = OmegaConf.to_yaml({k: v for k, v in cfg.items() if k not in ("run_dir", "workspace")}, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    text = json.dumps(
+        {k: v for k, v in resolved.items() if k not in ("run_dir", "workspace", "data")}, sort_keys=True
+    )
     return {
         "config_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
         "init_from": str(init) if init else None,
         "model": cfg.model.name,
         "data": cfg.data.name,
+        "data_config": OmegaConf.to_container(cfg.data.get("synth") or {}, resolve=True),
         "versions": {p: version(p) for p in ("avglab", "torch", "transformers", "lightning", "webdataset")},
     }
 
@@ -76,7 +83,9 @@ def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """Lightning Trainer from the trainer/strategy/logger groups, checkpointing into the run dir."""
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every),
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every
+        ),
         LearningRateMonitor(logging_interval="step"),
     ]
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
@@ -88,8 +97,8 @@ def run(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = resolve_ckpt(cfg) if cfg.ckpt_path else None
     init = resolve_init(cfg)
+    ckpt = resolve_ckpt(cfg) if cfg.ckpt_path else None
     tokenizer, image_processor, core = build_core(cfg)
     if init is not None:
         loaded = load_core(core, init)
@@ -111,6 +120,7 @@ def run(cfg: DictConfig) -> dict:
         trainer.test(module, datamodule=datamodule)
         return json.loads((run_dir / "metrics.json").read_text())
     module = get_class(stage.module)(core=core, stage=stage)
+    module.train()  # builders return eval-mode models; frozen parts go back to eval each epoch
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -118,8 +128,12 @@ def run(cfg: DictConfig) -> dict:
     metrics["fit_seconds"] = time.perf_counter() - start
     metrics["skipped_samples"] = dict(datamodule.skipped)
     if trainer.is_global_zero:
-        out = save_core(core, run_dir / "model", {"stage": stage.name, "metrics": metrics, "fingerprint": prints})
+        out = save_core(
+            core, run_dir / "model", {"stage": stage.name, "metrics": metrics, "fingerprint": prints}
+        )
         pointer(cfg, stage.name).parent.mkdir(parents=True, exist_ok=True)
-        pointer(cfg, stage.name).write_text(json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())}))
+        pointer(cfg, stage.name).write_text(
+            json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())})
+        )
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -25,7 +25,10 @@ def test_full_granularity_reproduces_hf_llava_next(llava, batch):
         ours = core(batch, return_logits=True)
         ids, mask = hf_inputs(batch, ours.visual_tokens)
         ref = llava(
-            input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"]
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=batch["pixel_values"],
+            image_sizes=batch["image_sizes"],
         ).logits
     assert ours.logits.shape == ref.shape
     valid = mask.bool()
@@ -38,10 +41,14 @@ def test_batch_of_four_agrees_with_batch_size_one(routed_core, batch):
         together = routed_core(batch)
         for i in range(4):
             alone = routed_core(select_rows(batch, [i]))
-            torch.testing.assert_close(alone.router_logits[0], together.router_logits[i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                alone.router_logits[0], together.router_logits[i], atol=1e-5, rtol=1e-5
+            )
             assert alone.levels[0] == together.levels[i]
             assert alone.visual_tokens[0] == together.visual_tokens[i]
-            torch.testing.assert_close(alone.answer_logprob[0], together.answer_logprob[i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                alone.answer_logprob[0], together.answer_logprob[i], atol=1e-5, rtol=1e-5
+            )
 
 
 def test_mixed_granularities_in_one_batch_match_single_runs(llava, batch):

@@ -22,7 +22,9 @@ def test_router_instruction_changes_logits_and_image_only_ignores_it(routed_core
         a = routed_core.selector(routed_core.router_input(enc, batch["input_ids"], batch["instruction_mask"]))
         b = routed_core.selector(routed_core.router_input(enc, other["input_ids"], batch["instruction_mask"]))
         assert not torch.allclose(a, b)
-        image_only = GranularityRouter(routed_core.config.text_config.hidden_size, LEVELS, k=0, num_heads=4).eval()
+        image_only = GranularityRouter(
+            routed_core.config.text_config.hidden_size, LEVELS, k=0, num_heads=4
+        ).eval()
         c = image_only(routed_core.router_input(enc, batch["input_ids"], batch["instruction_mask"]))
         d = image_only(routed_core.router_input(enc, other["input_ids"], batch["instruction_mask"]))
     torch.testing.assert_close(c, d)
@@ -50,7 +52,12 @@ def test_tile_logits_are_averaged_per_image(routed_core, batch):
     with torch.no_grad():
         per_image = routed_core.selector(inputs)
         tiles = len(inputs.tile_owner)
-        spread = RouterInput(inputs.levels, torch.arange(tiles), inputs.instruction.expand(tiles, -1, -1),
-                             inputs.instruction_mask.expand(tiles, -1), tiles)
+        spread = RouterInput(
+            inputs.levels,
+            torch.arange(tiles),
+            inputs.instruction.expand(tiles, -1, -1),
+            inputs.instruction_mask.expand(tiles, -1),
+            tiles,
+        )
         per_tile = routed_core.selector(spread)
     torch.testing.assert_close(per_image[0], per_tile.mean(0), atol=1e-5, rtol=1e-5)

@@ -30,7 +30,9 @@ def test_non_square_levels_keep_real_content():
     # Pitfall 2: at 288 tokens per tile a 672x672 image must keep its whole 48x24 local map.
     scaler = GranularityScaler(24, PAPER)
     tiles = torch.randn(5, 1, 24, 24)
-    packed = pack_image(scaler.pool(tiles, 3), (672, 672), PINPOINTS, 336, 24, scaler.kernels[3], torch.zeros(1))
+    packed = pack_image(
+        scaler.pool(tiles, 3), (672, 672), PINPOINTS, 336, 24, scaler.kernels[3], torch.zeros(1)
+    )
     assert len(packed) == 288 + 48 * 24 + 48
 
 

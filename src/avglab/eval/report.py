@@ -80,7 +80,12 @@ def histogram_figure(hist_by_type: dict[str, dict[str, int]], title: str):
     for i, qtype in enumerate(types):
         counts = hist_by_type[qtype]
         total = max(1, sum(counts.values()))
-        ax.bar([x + i * width for x in range(len(levels))], [counts[g] / total for g in levels], width, label=qtype)
+        ax.bar(
+            [x + i * width for x in range(len(levels))],
+            [counts[g] / total for g in levels],
+            width,
+            label=qtype,
+        )
     ax.set_xticks([x + width * (len(types) - 1) / 2 for x in range(len(levels))], levels)
     ax.set_xlabel("granularity (visual tokens per tile)")
     ax.set_ylabel("share of samples")

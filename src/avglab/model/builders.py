@@ -28,7 +28,13 @@ def tiny_llava(
     is -2 with the CLS token dropped, as in LLaVA-NeXT.
     """
     side = tile_size
-    pinpoints = grid_pinpoints or [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]]
+    pinpoints = grid_pinpoints or [
+        [side, 2 * side],
+        [2 * side, side],
+        [2 * side, 2 * side],
+        [3 * side, side],
+        [side, 3 * side],
+    ]
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=4 * vision_hidden,

@@ -164,7 +164,9 @@ class AvgCore(nn.Module):
         proj = self.llava.model.multi_modal_projector(feats)  # (T, grid*grid, C)
         return proj.transpose(1, 2).reshape(proj.shape[0], proj.shape[2], self.grid, self.grid), owner
 
-    def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, has_image: torch.Tensor) -> Encoded:
+    def encode(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, has_image: torch.Tensor
+    ) -> Encoded:
         """``project`` then the scaler: every granularity of every tile (shapes as in ``project``)."""
         tiles, owner = self.project(pixel_values, image_sizes, has_image)
         return self.pyramid(tiles, owner, has_image)
@@ -174,7 +176,9 @@ class AvgCore(nn.Module):
         levels = self.scaler(tiles) if tiles is not None else []
         return Encoded(levels, owner, has_image.to(owner.device))
 
-    def pack(self, encoded: Encoded, image_sizes: torch.Tensor, levels: torch.Tensor) -> list[torch.Tensor | None]:
+    def pack(
+        self, encoded: Encoded, image_sizes: torch.Tensor, levels: torch.Tensor
+    ) -> list[torch.Tensor | None]:
         """Visual token sequence per entry: entry i packs sample ``owner_map[i]`` at ``levels[i]``.
 
         Args:
@@ -214,14 +218,18 @@ class AvgCore(nn.Module):
         return out
 
     # ----------------------------------------------------------------- selection
-    def router_input(self, encoded: Encoded, input_ids: torch.Tensor, instruction_mask: torch.Tensor) -> RouterInput:
+    def router_input(
+        self, encoded: Encoded, input_ids: torch.Tensor, instruction_mask: torch.Tensor
+    ) -> RouterInput:
         """Gathers the user's instruction embeddings (pitfall 3) next to the pooled tiles."""
         embeds = self.llava.get_input_embeddings()(input_ids)  # (B, L, C)
         mask = instruction_mask.bool()
         per_sample = [embeds[i][mask[i]] for i in range(len(input_ids))]
         instruction = pad_sequence(per_sample, batch_first=True)  # (B, Q, C)
         valid = pad_sequence([torch.ones(len(x), dtype=torch.bool) for x in per_sample], batch_first=True)
-        return RouterInput(encoded.levels, encoded.tile_owner, instruction, valid.to(embeds.device), len(input_ids))
+        return RouterInput(
+            encoded.levels, encoded.tile_owner, instruction, valid.to(embeds.device), len(input_ids)
+        )
 
     def select(self, encoded: Encoded, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Level per sample (B,) and router logits (B, N) (None without a selector: finest level)."""
@@ -259,7 +267,9 @@ class AvgCore(nn.Module):
             where = (ids == self.image_token_id).nonzero().flatten()
             if tokens is None:
                 if len(where):
-                    raise ValueError(f"sample {e} has an <image> placeholder but no image; fix the data record")
+                    raise ValueError(
+                        f"sample {e} has an <image> placeholder but no image; fix the data record"
+                    )
             else:
                 if len(where) != 1:
                     raise ValueError(
@@ -273,11 +283,15 @@ class AvgCore(nn.Module):
             labs.append(lab)
         side = padding_side
         out_embeds = pad_sequence(seqs, batch_first=True, padding_side=side)
-        mask = pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True, padding_side=side)
+        mask = pad_sequence(
+            [torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True, padding_side=side
+        )
         mask = mask.to(out_embeds.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out_labels = (
-            pad_sequence(labs, batch_first=True, padding_value=-100, padding_side=side) if labels is not None else None
+            pad_sequence(labs, batch_first=True, padding_value=-100, padding_side=side)
+            if labels is not None
+            else None
         )
         return Spliced(out_embeds, mask, positions, out_labels)
 
@@ -307,7 +321,9 @@ class AvgCore(nn.Module):
         owner = where.nonzero()[:, 0]
         return token_logprob, owner
 
-    def score(self, spliced: Spliced, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def score(
+        self, spliced: Spliced, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Answer statistics of spliced inputs (labels required).
 
         Args:
@@ -355,7 +371,9 @@ class AvgCore(nn.Module):
             loss = hidden.sum() * 0.0
         return CoreOutput(levels, tokens, router_logits, mean, count, loss, logits, spliced)
 
-    def all_levels(self, batch: dict, encoded: Encoded | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def all_levels(
+        self, batch: dict, encoded: Encoded | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every sample at every granularity in ONE batched LLM pass (Eq. 3 and Eq. 4).
 
         Returns:

@@ -101,7 +101,9 @@ class GranularityRouter(nn.Module):
             norm_first=True,
         )
         mlp_size = mlp_size or hidden_size
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_size), nn.GELU(), nn.Linear(mlp_size, self.num_levels))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, mlp_size), nn.GELU(), nn.Linear(mlp_size, self.num_levels)
+        )
         self.voter = nn.Parameter(torch.full((self.seq_len,), 1.0 / self.seq_len))  # W in R^{1 x L}
 
     def forward(self, inputs: RouterInput) -> torch.Tensor:

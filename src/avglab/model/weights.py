@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from avglab.model.core import AvgCore
@@ -47,7 +46,8 @@ def load_core(core: AvgCore, folder: Path) -> dict[str, int]:
     missing, unexpected = core.llava.load_state_dict(llava, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not fit model config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
+            f"{path} does not fit model config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; "
             "use the model=... that trained it"
         )
     loaded_selector = 0

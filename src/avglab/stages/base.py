@@ -63,8 +63,13 @@ class StageModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         counts = self.parameter_counts()
-        log.info("stage %s trains %s: %d of %d parameters", self.stage.name, list(self.stage.train),
-                 counts["params/trainable"], counts["params/total"])
+        log.info(
+            "stage %s trains %s: %d of %d parameters",
+            self.stage.name,
+            list(self.stage.train),
+            counts["params/trainable"],
+            counts["params/total"],
+        )
         if self.logger is not None:
             self.logger.log_metrics({k: float(v) for k, v in counts.items()}, step=0)
 

@@ -67,7 +67,9 @@ class EvalStage(L.LightningModule):
     def answer(self, batch: dict, level: int | None) -> list[dict]:
         """Generates answers for one batch with the selector (level None) or a fixed level."""
         core = self.core
-        (tiles, owner), t_vision = self.timed(core.project, batch["pixel_values"], batch["image_sizes"], batch["has_image"])
+        (tiles, owner), t_vision = self.timed(
+            core.project, batch["pixel_values"], batch["image_sizes"], batch["has_image"]
+        )
 
         def select_and_pack():
             encoded = core.pyramid(tiles, owner, batch["has_image"])
@@ -77,7 +79,9 @@ class EvalStage(L.LightningModule):
             return levels, core.pack(encoded, batch["image_sizes"], levels)
 
         (levels, visual), t_select = self.timed(select_and_pack)
-        prompt = core.splice(batch["prompt_input_ids"], batch["prompt_attention_mask"], visual, padding_side="left")
+        prompt = core.splice(
+            batch["prompt_input_ids"], batch["prompt_attention_mask"], visual, padding_side="left"
+        )
         generated = greedy_generate(core, prompt, self.max_new_tokens, self.tokenizer.eos_token_id)
         full = core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu())[:, -1]
         size = len(batch["input_ids"])
@@ -131,15 +135,23 @@ class EvalStage(L.LightningModule):
         with open(self.out_dir / "predictions.jsonl", "w") as f:
             for record in self.records[self.selector_name]:
                 f.write(json.dumps(record) + "\n")
-        fig = histogram_figure(main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}")
+        fig = histogram_figure(
+            main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}"
+        )
         fig.savefig(self.out_dir / "granularity_histogram.png", dpi=100)
         if self.logger is not None:
             for name, m in self.results.items():
-                scalars = {f"eval/{name}/accuracy": m["accuracy"], f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"]}
+                scalars = {
+                    f"eval/{name}/accuracy": m["accuracy"],
+                    f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"],
+                }
                 scalars.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
                 self.logger.log_metrics(scalars, step=0)
             self.logger.experiment.add_figure("eval/granularity_histogram", fig)
         print(format_table(self.results))
-        print(f"granularity histogram ({self.selector_name}, by question type): {main['granularity_histogram_by_type']}")
+        print(
+            f"granularity histogram ({self.selector_name}, by question type): "
+            f"{main['granularity_histogram_by_type']}"
+        )
         print(f"latency ({LATENCY_NOTE}): {main['latency_ms']}")
         print(f"tokens: {TOKEN_NOTE}")

@@ -21,7 +21,9 @@ class RglfStage(StageModule):
 
     def __init__(self, core: AvgCore, stage: DictConfig):
         if core.selector is None or not any(True for _ in core.selector.parameters()):
-            raise ValueError("stage=rglf trains a router: use router=avg or router=image_only, not fixed/random")
+            raise ValueError(
+                "stage=rglf trains a router: use router=avg or router=image_only, not fixed/random"
+            )
         super().__init__(core, stage)
         self.token_cost = stage.token_cost
         self.skipped = {"no_answer": 0, "tied": 0}
@@ -36,13 +38,17 @@ class RglfStage(StageModule):
         """
         encoded = self.core.encode(batch["pixel_values"], batch["image_sizes"], batch["has_image"])
         scores, _, _ = self.core.all_levels(batch, encoded)
-        tokens = self.core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu()).to(scores.device)
+        tokens = self.core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu()).to(
+            scores.device
+        )
         return encoded, apply_token_cost(scores, tokens, self.token_cost), tokens
 
     def rglf_step(self, batch: dict, split: str) -> torch.Tensor:
         """Eq. 9 on one batch, with routing statistics."""
         encoded, feedback, tokens = self.feedback(batch)
-        logits = self.core.selector(self.core.router_input(encoded, batch["input_ids"], batch["instruction_mask"]))
+        logits = self.core.selector(
+            self.core.router_input(encoded, batch["input_ids"], batch["instruction_mask"])
+        )
         loss = rglf_loss(logits, feedback, alpha=self.stage.alpha, tie_eps=self.stage.tie_eps)
         size = self.batch_size(batch)
         no_answer = int((~torch.isfinite(feedback).all(dim=1)).sum())

@@ -1,0 +1,224 @@
+"""One LLaVA-format record plus its image -> model tensors (ids, labels, instruction mask, AnyRes tiles).
+
+The prompt is tokenized piece by piece (``add_special_tokens=False``), so the label and
+instruction masks are exact for any tokenizer: no re-tokenization and no offset arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import LlavaNextImageProcessorPil
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from avglab.data.templates import ChatTemplate, Piece, Role, Turn, get_template
+
+IMAGE_PLACEHOLDER = "<image>"  # what LLaVA records write, whatever the tokenizer calls it
+IGNORE_INDEX = -100
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that cannot become a sample; ``reason`` is the short key it is counted under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def build_image_processor(
+    tile_size: int, grid_pinpoints: Sequence[Sequence[int]]
+) -> LlavaNextImageProcessorPil:
+    """LLaVA-NeXT's own AnyRes image processor at a given tile size.
+
+    Configured like the llava-hf checkpoints (shortest edge = crop = tile size, CLIP mean/std,
+    bicubic), so the tiny model and real checkpoints share one class and one code path.
+
+    Args:
+        tile_size: side S of a tile (the vision tower's input size).
+        grid_pinpoints: AnyRes resolutions as [height, width] pairs.
+
+    Returns:
+        A processor whose output is ``pixel_values`` (1, T, 3, S, S) and ``image_sizes`` (1, 2).
+    """
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile_size},
+        crop_size={"height": tile_size, "width": tile_size},
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
+
+
+def tile_size_of(image_processor) -> int:
+    """Side S of the tiles an image processor produces."""
+    return int(image_processor.crop_size["height"])
+
+
+def parse_conversation(record: dict, has_image: bool) -> tuple[list[Turn], int]:
+    """Turns of a LLaVA record, the ``<image>`` placeholder removed, and the index of its turn.
+
+    Like LLaVA's ``preprocess_multimodal`` the image is moved to the start of the turn that had
+    the placeholder (the first turn when an image comes without one).
+
+    Raises:
+        RecordError: on a malformed conversation, saying what to fix.
+    """
+    name = record.get("id", "<no id>")
+    conversation = record.get("conversations")
+    if (
+        not isinstance(conversation, list)
+        or not conversation
+        or not all(isinstance(t, dict) for t in conversation)
+    ):
+        raise RecordError(
+            "no_conversation",
+            f"record {name}: 'conversations' must be a non-empty list of {{'from', 'value'}}",
+        )
+    roles = [str(turn.get("from", "")) for turn in conversation]
+    expected_ok = all(role in (USER_ROLES if i % 2 == 0 else ASSISTANT_ROLES) for i, role in enumerate(roles))
+    if not expected_ok:
+        raise RecordError(
+            "bad_roles", f"record {name}: turns must alternate human/gpt starting with human, got {roles}"
+        )
+    values = [str(turn.get("value", "")) for turn in conversation]
+    user_values = values[0::2]
+    placeholders = [i for i, v in enumerate(user_values) for _ in range(v.count(IMAGE_PLACEHOLDER))]
+    if len(placeholders) > 1:
+        raise RecordError(
+            "several_images", f"record {name}: {len(placeholders)} <image> placeholders, one is supported"
+        )
+    if placeholders and not has_image:
+        raise RecordError(
+            "image_missing",
+            f"record {name} has an <image> placeholder but no image: "
+            "add the image to the shard or drop the placeholder",
+        )
+    questions = [v.replace(IMAGE_PLACEHOLDER, "").strip() for v in user_values]
+    answers: list[str | None] = [v.strip() for v in values[1::2]]
+    answers += [None] * (len(questions) - len(answers))  # a trailing question is a generation prompt
+    turns = [Turn(q, a) for q, a in zip(questions, answers, strict=True)]
+    return turns, (placeholders[0] if placeholders else 0)
+
+
+class SampleProcessor:
+    """Turns a LLaVA-format record and its image into the tensors of one sample.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer that has the image token (``<image>``) as one token.
+        image_processor: ``LlavaNextImageProcessorPil`` (see :func:`build_image_processor`).
+        template: chat template name or object (see ``avglab.data.templates``).
+        max_length: longest text sequence in tokens, the single image placeholder included (the
+            visual tokens spliced in by the model come on top).
+        skipped: counter of skip reasons, shared with the caller; a new one if not given.
+
+    Raises:
+        ValueError: if the tokenizer has no single-token image placeholder.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        template: str | ChatTemplate = "vicuna_v1",
+        max_length: int = 2048,
+        skipped: Counter | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = get_template(template)
+        self.max_length = max_length
+        self.skipped = Counter() if skipped is None else skipped
+        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(
+                f"tokenizer has no {self.image_token!r} token: add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}]}})"
+            )
+        self.tile_size = tile_size_of(image_processor)
+
+    def __call__(self, record: dict, image: Image.Image | None) -> dict | None:
+        """Processes one sample.
+
+        Args:
+            record: ``{"id", "conversations", "question_type"?, "answers"?}`` in LLaVA format.
+            image: the sample's image, or ``None`` for a text-only sample.
+
+        Returns:
+            ``input_ids``, ``labels`` (L,) long, ``instruction_mask`` (L,) bool, ``prompt_len`` int,
+            ``pixel_values`` (T, 3, S, S) float (T = 0 without image), ``image_size`` (2,) long
+            (height, width; (S, S) without image), ``has_image`` bool, ``id``, ``question_type``,
+            ``answers`` (list[str]); or ``None`` when truncation to ``max_length`` would cut every
+            answer token or the image placeholder (counted in ``skipped``).
+
+        Raises:
+            RecordError: on a malformed record.
+        """
+        turns, image_turn = parse_conversation(record, image is not None)
+        pieces = self.template.render(turns, self.image_token if image is not None else None, image_turn)
+        ids, labels, instruction, prompt_len = self.tokenize(pieces)
+        if len(ids) > self.max_length:
+            had_answer = any(label != IGNORE_INDEX for label in labels)
+            ids, labels, instruction = (x[: self.max_length] for x in (ids, labels, instruction))
+            if had_answer and all(label == IGNORE_INDEX for label in labels):
+                self.skipped["truncated_answer"] += 1
+                return None
+            if image is not None and self.image_token_id not in ids:
+                self.skipped["truncated_image"] += 1
+                return None
+            prompt_len = min(prompt_len, self.max_length)
+        pixel_values, image_size = self.process_image(image)
+        answers = record.get("answers") or [t.answer for t in turns[-1:] if t.answer is not None]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "instruction_mask": torch.tensor(instruction, dtype=torch.bool),
+            "prompt_len": prompt_len,
+            "pixel_values": pixel_values,
+            "image_size": image_size,
+            "has_image": image is not None,
+            "id": str(record.get("id", "")),
+            "question_type": str(record.get("question_type", "unknown")),
+            "answers": [answers] if isinstance(answers, str) else [str(a) for a in answers],
+        }
+
+    def tokenize(self, pieces: list[Piece]) -> tuple[list[int], list[int], list[bool], int]:
+        """Token ids, labels and instruction flags of rendered pieces, and the generation-prompt length.
+
+        The prompt ends where the last answer starts (right after the last "ASSISTANT:"), or at
+        the end when the conversation ends with a question.
+        """
+        bos = self.tokenizer.bos_token_id if self.template.add_bos else None
+        ids: list[int] = [] if bos is None else [bos]
+        labels = [IGNORE_INDEX] * len(ids)
+        instruction = [False] * len(ids)
+        prompt_len = None
+        for piece in pieces:
+            if piece.role is Role.IMAGE:
+                tokens = [self.image_token_id]  # one placeholder; the model expands it to visual tokens
+            else:
+                tokens = self.tokenizer.encode(piece.text, add_special_tokens=False)
+            if piece.role is Role.ANSWER:
+                prompt_len = len(ids)
+            ids += tokens
+            labels += tokens if piece.role is Role.ANSWER else [IGNORE_INDEX] * len(tokens)
+            instruction += [piece.role is Role.INSTRUCTION] * len(tokens)
+        ends_with_answer = pieces[-1].role is Role.ANSWER
+        return ids, labels, instruction, (prompt_len if ends_with_answer else len(ids))
+
+    def process_image(self, image: Image.Image | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """AnyRes tiles (global view first) and (height, width) of an image.
+
+        Returns:
+            pixel_values (T, 3, S, S) float, T = 0 for ``None``; image_size (2,) long.
+        """
+        if image is None:
+            side = self.tile_size
+            return torch.zeros(0, 3, side, side), torch.tensor([side, side])
+        out = self.image_processor(image, return_tensors="pt")
+        return out["pixel_values"][0], out["image_sizes"][0].long()

@@ -1,0 +1,45 @@
+"""Shared fixtures of the data tests: a tiny synth config, its shards, tokenizer and image processor."""
+
+from __future__ import annotations
+
+import pytest
+
+from avglab.data.processor import SampleProcessor, build_image_processor
+from avglab.data.synth import SynthConfig, ensure_synth_shards, synth_vocabulary
+from avglab.data.tokenizer import build_word_tokenizer
+
+PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]
+
+
+@pytest.fixture(scope="session")
+def synth_cfg() -> SynthConfig:
+    return SynthConfig(seed=3, n_train=24, n_val=8, n_test=10, samples_per_shard=4)
+
+
+@pytest.fixture(scope="session")
+def synth_urls(synth_cfg, tmp_path_factory) -> dict[str, list[str]]:
+    return ensure_synth_shards(synth_cfg, tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(synth_cfg, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    build_word_tokenizer(synth_vocabulary(synth_cfg), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    return build_image_processor(64, PINPOINTS)
+
+
+@pytest.fixture()
+def processor(tokenizer, image_processor) -> SampleProcessor:
+    return SampleProcessor(tokenizer, image_processor, "vicuna_v1", max_length=128)
