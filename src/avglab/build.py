@@ -124,15 +124,21 @@ def build_core(cfg: DictConfig):
 
 
 def build_datamodule(cfg: DictConfig, tokenizer, image_processor, eval_batch_size: int | None = None):
-    """The WebDataset datamodule over the configured shards (synth shards are written on first use)."""
+    """The WebDataset datamodule over the configured shards (synth shards are written on first use).
+
+    ``data.kind=shards`` reads ``data.<split>_shards`` globs under ``data.root`` (converter output,
+    see ``python -m avglab.data.convert``) and the sample counts of their manifests.
+    """
+    from avglab.data.shardset import read_manifests
+    from avglab.data.sources import shard_urls
+
     data = cfg.data
     if data.kind == "synth":
         urls = ensure_synth_shards(synth_config(data), Path(data.root))
+    elif data.kind == "shards":
+        urls = shard_urls(data)
     else:
-        urls = {
-            split: sorted(str(p) for p in Path(data.root).glob(f"{split}-*.tar"))
-            for split in ("train", "val", "test")
-        }
+        raise ValueError(f"data.kind={data.kind!r}: choose synth or shards")
     return ShardDataModule(
         urls=urls,
         tokenizer=tokenizer,
@@ -145,4 +151,6 @@ def build_datamodule(cfg: DictConfig, tokenizer, image_processor, eval_batch_siz
         seed=cfg.seed,
         max_length=data.max_length,
         epoch_samples=data.epoch_samples,
+        max_skip_fraction=data.max_skip_fraction,
+        shard_sizes=read_manifests([u for split in urls.values() for u in split]),
     )

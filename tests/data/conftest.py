@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from data_llava_helpers import llava_records, write_llava_source
 
+from avglab.data.convert import convert
 from avglab.data.processor import SampleProcessor, build_image_processor
 from avglab.data.synth import SynthConfig, ensure_synth_shards, synth_vocabulary
 from avglab.data.tokenizer import build_word_tokenizer
@@ -43,3 +45,13 @@ def image_processor():
 @pytest.fixture()
 def processor(tokenizer, image_processor) -> SampleProcessor:
     return SampleProcessor(tokenizer, image_processor, "vicuna_v1", max_length=128)
+
+
+@pytest.fixture(scope="session")
+def llava_shards(tmp_path_factory):
+    """24 records converted into 3-sample shards: (folder, manifest)."""
+    src = tmp_path_factory.mktemp("llava_src")
+    path = write_llava_source(src, llava_records(24))
+    out = tmp_path_factory.mktemp("llava_out")
+    manifest = convert(path, out, images=src, samples_per_shard=3, workers=2, progress=False)
+    return out, manifest

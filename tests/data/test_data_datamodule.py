@@ -99,7 +99,7 @@ def test_bad_samples_are_counted_by_reason(tmp_path, tokenizer, image_processor)
             {"__key__": "long", "png": png(), "json": rec("long", question="<image>\n" + "what " * 200)},
         ],
     )
-    dm = make_dm({"val": [shard]}, tokenizer, image_processor)
+    dm = make_dm({"val": [shard]}, tokenizer, image_processor, max_skip_fraction=1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(dm.val_dataloader())

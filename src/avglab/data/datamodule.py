@@ -1,64 +1,48 @@
 """WebDataset shards -> decode -> SampleProcessor -> collate, split across ranks and workers.
 
 Skipped samples are counted by reason in ``ShardDataModule.skipped``: ``truncated_answer`` /
-``truncated_image`` from the processor, a :class:`RecordError` reason for a malformed record, and
-the exception type for unreadable data (broken image, bad json, unreadable shard). With
-``num_workers > 0`` the counting happens in the worker processes, so the main process's counter
-stays empty (the warnings still show every skip).
+``truncated_image`` / template rules from the processor, a :class:`RecordError` reason for a
+malformed record, ``truncated_shard`` / ``unreadable_shard`` for broken tar files, and the
+exception type for other unreadable data (see :mod:`avglab.data.skips`). Loader workers send
+their counts to the main process along with the batches, so the counter is complete with any
+``num_workers``; above ``max_skip_fraction`` the loader stops the run.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
 import webdataset as wds
 from PIL import Image
-from webdataset.autodecode import DecodingError
 
 from avglab.data.collate import collate
-from avglab.data.processor import SampleProcessor, build_image_processor
+from avglab.data.processor import RecordError, SampleProcessor, build_image_processor
+from avglab.data.skips import ShardReader, SkipBudget, SkipCounter, attach_skips
 from avglab.data.templates import ChatTemplate
 
-__all__ = ["ShardDataModule", "SkipCounter", "build_image_processor", "to_model_sample"]
+__all__ = ["ShardDataModule", "SkipCounter", "build_image_processor", "split_by_rank", "to_model_sample"]
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
-class SkipCounter:
-    """A webdataset exception handler that counts, warns and continues (picklable for workers).
-
-    Only data errors are skipped (bad records, undecodable images or json, unreadable shards:
-    ``ValueError``, ``KeyError``, ``OSError``, webdataset's ``DecodingError``); anything else is
-    a bug and is raised.
-    """
-
-    def __init__(self, skipped: Counter):
-        self.skipped = skipped
-
-    def __call__(self, exn: Exception) -> bool:
-        """Counts ``exn`` under its reason and tells webdataset to go on with the next sample."""
-        if isinstance(exn, DecodingError):
-            reason, detail = "undecodable", f"field .{exn.k} of {exn.key!r} in {exn.url}: {exn.__cause__!r}"
-        elif isinstance(exn, ValueError | KeyError | OSError):
-            reason, detail = getattr(exn, "reason", type(exn).__name__), str(exn)
-        else:
-            raise exn
-        self.skipped[reason] += 1
-        warnings.warn(f"skipped a sample ({reason}): {detail}", stacklevel=2)
-        return True
+def split_by_rank(shards: Iterable, rank: int, world_size: int) -> Iterator:
+    """Every ``world_size``-th shard starting at ``rank`` (an explicit ``split_by_node``)."""
+    yield from islice(shards, rank, None, world_size)
 
 
 def to_model_sample(sample: dict, processor: SampleProcessor) -> dict | None:
     """A decoded shard sample (``json`` record and optional image) -> processed tensors or None."""
     if "json" not in sample:
         raise KeyError(f"shard sample {sample.get('__key__')!r} has no .json record")
+    if not isinstance(sample["json"], dict):
+        raise RecordError("bad_record", f"shard sample {sample.get('__key__')!r}: .json is not an object")
     record = dict(sample["json"])
     record.setdefault("id", sample.get("__key__", ""))
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
@@ -72,14 +56,16 @@ def to_model_sample(sample: dict, processor: SampleProcessor) -> dict | None:
 class ShardDataModule(L.LightningDataModule):
     """Train/val/test loaders over WebDataset shards of LLaVA-format records.
 
-    Shards are split across ranks (``split_by_node``) and then across loader workers, so every
-    sample of an eval split is seen exactly once; each rank and worker needs at least one shard.
-    The train split is shuffled (shards, then samples in a buffer; deterministic from ``seed``,
-    different every epoch). With ``epoch_samples`` it repeats endlessly and an epoch is a fixed
-    number of batches per rank, the same on every rank (required when training on several ranks).
+    Shards are split across ranks (every ``world_size``-th shard from ``rank``) and then across
+    loader workers, so every sample of an eval split is seen exactly once; each rank and worker
+    needs at least one shard. The train split is shuffled (shards, then samples in a buffer;
+    deterministic from ``seed``, different every epoch). With ``epoch_samples`` (or, on several
+    ranks, the manifest's sample count) it repeats endlessly and an epoch is a fixed number of
+    batches per rank, the same on every rank, so DDP never waits at the end of an epoch.
 
     Args:
-        urls: shard paths or URLs per split ("train", "val", "test").
+        urls: shard paths or URLs per split ("train", "val", "test"); a split that is absent has
+            no loader (no "val": validation is off).
         tokenizer: Hugging Face tokenizer with the image token.
         image_processor: ``LlavaNextImageProcessorPil`` (see :func:`build_image_processor`).
         template: chat template name or object.
@@ -90,9 +76,15 @@ class ShardDataModule(L.LightningDataModule):
         seed: shuffling seed.
         max_length: longest text sequence in tokens (see :class:`SampleProcessor`).
         epoch_samples: train samples per epoch over all ranks (None = one pass over the shards).
+        max_skip_fraction: stop when more than this fraction of a split's samples was skipped.
+        shard_sizes: samples per shard url (from the converter's manifests), to count the samples
+            a truncated shard lost and to size a distributed epoch.
+        rank, world_size: this process's rank and the number of ranks (None: from the attached
+            Trainer, else ``RANK``/``WORLD_SIZE`` or ``torch.distributed``).
 
     Attributes:
-        skipped: ``Counter`` of skip reasons (counts of this process only).
+        skipped: ``Counter`` of skip reasons of this rank (all its workers).
+        budget: the :class:`~avglab.data.skips.SkipBudget` (kept/skipped per split).
         processor: the :class:`SampleProcessor`.
     """
 
@@ -109,17 +101,22 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         max_length: int = 2048,
         epoch_samples: int | None = None,
+        max_skip_fraction: float = 0.01,
+        shard_sizes: Mapping[str, int] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ):
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
         if epoch_samples is not None and epoch_samples < 1:
             raise ValueError(f"epoch_samples must be >= 1 or None, got {epoch_samples}")
-        self.urls = {split: list(paths) for split, paths in urls.items()}
+        if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
+            raise ValueError(f"give both rank and world_size, 0 <= rank < world_size: {rank}, {world_size}")
+        self.urls = {split: list(paths) for split, paths in urls.items() if paths is not None}
         self.skipped: Counter = Counter()
-        self.processor = SampleProcessor(
-            tokenizer, image_processor, template, max_length, skipped=self.skipped
-        )
+        self.budget = SkipBudget(self.skipped, max_skip_fraction, on_update=self._log_skips)
+        self.processor = SampleProcessor(tokenizer, image_processor, template, max_length)
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before building the data")
@@ -129,71 +126,114 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.epoch_samples = epoch_samples
+        self.shard_sizes = dict(shard_sizes or {})
+        self.rank, self.world_size = rank, world_size
 
     def train_dataloader(self) -> wds.WebLoader:
         """Shuffled train batches; exactly ``epoch_samples // (world * batch_size)`` per rank if set."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.epoch_samples is None and world > 1:
-            raise ValueError(
-                f"training on {world} ranks needs data.epoch_samples so that every rank runs the same "
-                "number of steps (shards split unevenly across ranks)"
-            )
+        _, world = self._rank_world()
+        epoch_samples = self.epoch_samples
+        if epoch_samples is None and world > 1:
+            epoch_samples = self.split_size("train")
+            if epoch_samples is None:
+                raise ValueError(
+                    f"training on {world} ranks needs data.epoch_samples (or shards with a manifest) so "
+                    "that every rank runs the same number of steps (shards split unevenly across ranks)"
+                )
         loader = self._loader("train", self.batch_size, train=True)
-        if self.epoch_samples is None:
+        if epoch_samples is None:
             return loader
-        batches = max(1, self.epoch_samples // (world * self.batch_size))
+        batches = max(1, epoch_samples // (world * self.batch_size))
         return loader.with_epoch(batches).with_length(batches, silent=True)
 
-    def val_dataloader(self) -> wds.WebLoader:
-        """Validation batches in shard order (each sample once over all ranks)."""
+    def val_dataloader(self) -> wds.WebLoader | list:
+        """Validation batches in shard order (each sample once over all ranks); [] without a val split."""
+        if "val" not in self.urls:
+            log.info("no val split configured: validation is off")
+            return []
         return self._loader("val", self.eval_batch_size, train=False)
 
     def test_dataloader(self) -> wds.WebLoader:
         """Test batches in shard order (each sample once over all ranks)."""
         return self._loader("test", self.eval_batch_size, train=False)
 
+    def split_size(self, split: str) -> int | None:
+        """Samples in a split according to the manifests, or None if a shard's count is unknown."""
+        urls = self.urls.get(split) or []
+        if not urls or any(u not in self.shard_sizes for u in urls):
+            return None
+        return sum(self.shard_sizes[u] for u in urls)
+
     def teardown(self, stage: str) -> None:
-        """Reports the skipped samples of this process."""
+        """Reports the skipped samples of this rank."""
         if self.skipped:
-            log.warning("skipped samples by reason: %s", dict(self.skipped))
+            log.warning("skipped samples: %s", self.budget.summary())
+
+    def _log_skips(self, split: str) -> None:
+        """Sends a split's skip counts to the Trainer's logger as they arrive."""
+        trainer = self.trainer
+        if trainer is None or trainer.logger is None:
+            return
+        stats = self.budget.summary()[split]
+        metrics = {f"data/{split}_skipped/{reason}": float(n) for reason, n in stats["reasons"].items()}
+        metrics[f"data/{split}_skipped_fraction"] = self.budget.fraction(split)
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size): explicit, else the Trainer's, else webdataset's (env or torch.distributed)."""
+        if self.world_size is not None:
+            return self.rank, self.world_size
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
+        return rank, world
 
     def _loader(self, split: str, batch_size: int, train: bool) -> wds.WebLoader:
-        """The webdataset pipeline of one split, batched in the workers."""
+        """The webdataset pipeline of one split, batched in the workers, skips tallied in the main process."""
         urls = self._checked_urls(split)
-        handler = SkipCounter(self.skipped)
-        dataset = wds.WebDataset(
-            urls,
-            shardshuffle=len(urls) if train else False,
-            detshuffle=True,  # seed + epoch: reproducible, yet a new order every epoch
-            seed=self.seed,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            handler=handler,
-        )
+        rank, world = self._rank_world()
+        counter: Counter = Counter()  # the worker's own; its counts travel with the batches
+        handler = SkipCounter(counter)
+        p = self.processor
+        processor = SampleProcessor(p.tokenizer, p.image_processor, p.template, p.max_length, skipped=counter)
+        stages = [
+            wds.SimpleShardList(urls),
+            partial(split_by_rank, rank=rank, world_size=world),
+            wds.split_by_worker,
+        ]
+        if train:  # seed + epoch: reproducible, yet a new order every epoch
+            stages.append(wds.detshuffle(len(urls), seed=self.seed))
+        stages.append(ShardReader(counter, self.shard_sizes))
         if train and self.shuffle_buffer > 0:
-            dataset = dataset.compose(
-                wds.detshuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), self.seed)
-            )
-        dataset = (
-            dataset.decode("pil", handler=handler)
-            .map(partial(to_model_sample, processor=self.processor), handler=handler)
-            .batched(batch_size, collation_fn=partial(collate, pad_token_id=self.pad_token_id), partial=True)
-        )
+            stages.append(wds.detshuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), self.seed))
+        collation = partial(collate, pad_token_id=self.pad_token_id)
+        stages += [
+            wds.decode("pil", handler=handler),
+            wds.map(partial(to_model_sample, processor=processor), handler=handler),
+            wds.batched(batch_size, collation_fn=collation, partial=True),
+            partial(attach_skips, skipped=counter),
+        ]
         workers = self.num_workers
-        return wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        loader = wds.WebLoader(
+            wds.DataPipeline(*stages), batch_size=None, num_workers=workers, persistent_workers=workers > 0
+        )
+        return loader.compose(partial(self.budget.absorb, split))
 
     def _checked_urls(self, split: str) -> list[str]:
         """The split's shards, failing early and clearly on missing files or too few shards."""
         urls = self.urls.get(split) or []
         if not urls:
-            raise ValueError(f"no {split} shards given: pass urls[{split!r}] (write shards first)")
+            raise ValueError(
+                f"no {split} shards given: set data.{split}_shards or pass urls[{split!r}] (write shards)"
+            )
         local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
         missing = [u for u in local if not Path(u).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} {split} shard(s) missing, e.g. {missing[0]}; regenerate or reconvert"
             )
-        readers = (self.trainer.world_size if self.trainer is not None else 1) * max(1, self.num_workers)
+        _, world = self._rank_world()
+        readers = world * max(1, self.num_workers)
         if len(urls) < readers:
             raise ValueError(
                 f"{split} has {len(urls)} shard(s) but {readers} readers (ranks x workers) each need one: "

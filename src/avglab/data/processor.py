@@ -28,6 +28,7 @@ class RecordError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
+        self.message = message
 
 
 def build_image_processor(
@@ -59,11 +60,28 @@ def tile_size_of(image_processor) -> int:
     return int(image_processor.crop_size["height"])
 
 
+def check_text(name: str, where: str, text: str) -> None:
+    """Raises ``RecordError("non_utf8_text")`` for text that is not valid Unicode.
+
+    JSON read with ``errors="surrogateescape"`` (the converter) or with ``udcxx`` escapes keeps
+    undecodable bytes as lone surrogates; no tokenizer can encode them.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exn:
+        near = text[max(0, exn.start - 20) : exn.end]
+        raise RecordError(
+            "non_utf8_text",
+            f"record {name}: {where} has bytes that are not UTF-8 near {near!r}; re-encode it as UTF-8",
+        ) from None
+
+
 def parse_conversation(record: dict, has_image: bool) -> tuple[list[Turn], int]:
     """Turns of a LLaVA record, the ``<image>`` placeholder removed, and the index of its turn.
 
     Like LLaVA's ``preprocess_multimodal`` the image is moved to the start of the turn that had
-    the placeholder (the first turn when an image comes without one).
+    the placeholder (the first turn when an image comes without one). Like LLaVA-NeXT's data code,
+    one image takes exactly one placeholder.
 
     Raises:
         RecordError: on a malformed conversation, saying what to fix.
@@ -85,7 +103,12 @@ def parse_conversation(record: dict, has_image: bool) -> tuple[list[Turn], int]:
         raise RecordError(
             "bad_roles", f"record {name}: turns must alternate human/gpt starting with human, got {roles}"
         )
-    values = [str(turn.get("value", "")) for turn in conversation]
+    values = [turn.get("value") for turn in conversation]
+    if not all(isinstance(v, str) for v in values):
+        kinds = [type(v).__name__ for v in values]
+        raise RecordError("bad_turn", f"record {name}: every turn's 'value' must be a string, got {kinds}")
+    for i, value in enumerate(values):
+        check_text(name, f"turn {i}", value)
     user_values = values[0::2]
     placeholders = [i for i, v in enumerate(user_values) for _ in range(v.count(IMAGE_PLACEHOLDER))]
     if len(placeholders) > 1:
@@ -100,9 +123,29 @@ def parse_conversation(record: dict, has_image: bool) -> tuple[list[Turn], int]:
         )
     questions = [v.replace(IMAGE_PLACEHOLDER, "").strip() for v in user_values]
     answers: list[str | None] = [v.strip() for v in values[1::2]]
+    empty = [i for i, a in enumerate(answers) if not a]
+    if empty:
+        raise RecordError(
+            "empty_answer", f"record {name}: answer {empty[0]} is empty; drop the turn pair or the record"
+        )
     answers += [None] * (len(questions) - len(answers))  # a trailing question is a generation prompt
     turns = [Turn(q, a) for q, a in zip(questions, answers, strict=True)]
     return turns, (placeholders[0] if placeholders else 0)
+
+
+def check_template(template: ChatTemplate, record: dict, turns: list[Turn], has_image: bool) -> None:
+    """Raises a ``RecordError`` for a conversation the template cannot render (``plain``: one caption)."""
+    name = record.get("id", "<no id>")
+    if template.max_turns is not None and len(turns) > template.max_turns:
+        raise RecordError(
+            "too_many_turns",
+            f"record {name}: the {template.name} template takes {template.max_turns} question/answer "
+            f"pair(s), got {len(turns)}; use data.template=vicuna_v1 for dialogues",
+        )
+    if template.needs_image and not has_image:
+        raise RecordError(
+            "no_image", f"record {name}: the {template.name} template captions an image; this record has none"
+        )
 
 
 class SampleProcessor:
@@ -160,6 +203,7 @@ class SampleProcessor:
             RecordError: on a malformed record.
         """
         turns, image_turn = parse_conversation(record, image is not None)
+        check_template(self.template, record, turns, image is not None)
         pieces = self.template.render(turns, self.image_token if image is not None else None, image_turn)
         ids, labels, instruction, prompt_len = self.tokenize(pieces)
         if len(ids) > self.max_length:

@@ -2,7 +2,8 @@
 
 A template never tokenizes: it returns the prompt as a list of :class:`Piece` whose concatenated
 text is the exact prompt string, and the processor tokenizes piece by piece. New templates
-(``plain`` for pretraining, Llama-3) are new :class:`ChatTemplate` values in ``TEMPLATES``.
+are new :class:`ChatTemplate` values in ``TEMPLATES``: ``vicuna_v1`` (LLaVA-NeXT Vicuna), ``plain``
+(stage-1 captions) and ``llama_3`` (LLaVA-NeXT Llama-3).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class ChatTemplate:
         answer_prefix: text before the answer words (vicuna: the space after "ASSISTANT:").
         turn_end: ends every assistant turn; supervised like the answer so the model learns to stop.
         add_bos: whether the sequence starts with the tokenizer's BOS token.
+        keep_question: whether the user's words are rendered (``plain`` drops them, like LLaVA).
+        max_turns: most question/answer pairs a conversation may have (None = any).
+        needs_image: whether every sample must have an image.
     """
 
     name: str
@@ -63,6 +67,9 @@ class ChatTemplate:
     answer_prefix: str
     turn_end: str
     add_bos: bool = True
+    keep_question: bool = True
+    max_turns: int | None = None
+    needs_image: bool = False
 
     def render(self, turns: Sequence[Turn], image_token: str | None, image_turn: int = 0) -> list[Piece]:
         """Renders a conversation as role-tagged pieces.
@@ -83,7 +90,8 @@ class ChatTemplate:
             pieces.append(Piece(self.user, Role.CONTEXT))
             if image_token is not None and i == image_turn:
                 pieces += [Piece(image_token, Role.IMAGE), Piece(self.image_sep, Role.CONTEXT)]
-            pieces += [Piece(turn.question, Role.INSTRUCTION), Piece(self.assistant, Role.CONTEXT)]
+            question = turn.question if self.keep_question else ""
+            pieces += [Piece(question, Role.INSTRUCTION), Piece(self.assistant, Role.CONTEXT)]
             if turn.answer is not None:
                 pieces.append(Piece(self.answer_prefix + turn.answer + self.turn_end, Role.ANSWER))
         return _merge(pieces)
@@ -122,7 +130,39 @@ VICUNA_V1 = ChatTemplate(
     turn_end="</s>",
 )
 
-TEMPLATES: dict[str, ChatTemplate] = {VICUNA_V1.name: VICUNA_V1}
+# LLaVA stage-1 pretraining (conv_llava_plain, preprocess_plain): "<image>" + caption + "\n". The
+# human turn's words are dropped and only the caption and its "\n" are supervised.
+PLAIN = ChatTemplate(
+    name="plain",
+    system="",
+    user="",
+    image_sep="",
+    assistant="",
+    answer_prefix="",
+    turn_end="\n",
+    keep_question=False,
+    max_turns=1,
+    needs_image=True,
+)
+
+LLAMA_3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+# LLaVA-NeXT Llama-3 (conv_llava_llama_3): the Llama-3-Instruct chat format. BOS is
+# <|begin_of_text|>; only the answer and its <|eot_id|> are supervised.
+LLAMA_3 = ChatTemplate(
+    name="llama_3",
+    system=f"<|start_header_id|>system<|end_header_id|>\n\n{LLAMA_3_SYSTEM}<|eot_id|>",
+    user="<|start_header_id|>user<|end_header_id|>\n\n",
+    image_sep="\n",
+    assistant="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    answer_prefix="",
+    turn_end="<|eot_id|>",
+)
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (VICUNA_V1, PLAIN, LLAMA_3)}
 
 
 def get_template(name: str | ChatTemplate) -> ChatTemplate:

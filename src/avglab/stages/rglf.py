@@ -68,6 +68,11 @@ class RglfStage(StageModule):
             self.log(f"{split}/router_picks_best", agree, prog_bar=True, batch_size=size)
         picked_tokens = tokens.gather(1, chosen[:, None]).float()
         self.log(f"{split}/visual_tokens_routed_mean", picked_tokens.mean(), batch_size=size)
+        log_every = self.trainer.log_every_n_steps if self._trainer is not None else 0
+        if split == "train" and self.logger is not None and log_every and self.global_step % log_every == 0:
+            writer = self.logger.experiment  # SummaryWriter: per-sample routing and token counts
+            writer.add_histogram("train/router_choice_level", chosen.float(), self.global_step)
+            writer.add_histogram("train/visual_tokens_per_sample", picked_tokens.flatten(), self.global_step)
         return loss.total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""Checks LLaVA records and evaluation records and reads their images, for the converter.
+
+The rules are the training-time rules (:func:`~avglab.data.processor.parse_conversation`), run
+once at conversion so that a bad record is skipped and listed in the manifest instead of being
+met at every epoch. Every failure is a :class:`~avglab.data.processor.RecordError` whose reason
+the manifest counts.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from avglab.data.jsonstream import find_bad_text
+from avglab.data.processor import IMAGE_PLACEHOLDER, RecordError, check_text, parse_conversation
+
+# Formats webdataset's decoder and LLaVA read as they are; anything else PIL opens is stored as PNG.
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked record, ready to be written once its image is read.
+
+    Attributes:
+        index: position in the input; the shard key is derived from it (ids repeat in LLaVA data).
+        id: the record's id (for the manifest and the predictions).
+        record: the LLaVA-format record stored as the sample's ``.json``.
+        image: absolute image path, or None for a text-only record.
+    """
+
+    index: int
+    id: str
+    record: dict
+    image: Path | None
+
+
+@dataclass(frozen=True)
+class EvalFields:
+    """Keys of an evaluation record; each field takes the first key present.
+
+    Defaults cover common layouts: avglab's own, LLaVA's eval jsonl (``question_id``, ``text``,
+    ``category``) and VQA-style answer lists (strings or ``{"answer": ...}`` dicts).
+    """
+
+    id: tuple[str, ...] = ("id", "question_id")
+    question: tuple[str, ...] = ("question", "text", "prompt")
+    answers: tuple[str, ...] = ("answers", "answer", "gt_answer", "label")
+    question_type: tuple[str, ...] = ("question_type", "category", "type")
+    image: tuple[str, ...] = ("image",)
+
+
+def record_name(value: Any, index: int, keys: tuple[str, ...] = ("id",)) -> str:
+    """The record's id for messages and the manifest (its input index when it has none)."""
+    if isinstance(value, dict):
+        for key in keys:
+            if value.get(key) is not None:
+                return str(value[key])
+    return f"#{index}"
+
+
+def check_record(value: Any, index: int) -> dict:
+    """The value as a record dict, or a RecordError (not an object, undecodable text)."""
+    if not isinstance(value, dict):
+        raise RecordError("bad_record", f"record #{index} is a JSON {type(value).__name__}, not an object")
+    bad = find_bad_text(value)
+    if bad is not None:
+        check_text(record_name(value, index), "a field", bad)  # raises non_utf8_text with the place
+    return value
+
+
+def image_path(record: dict, key: str, image_root: Path, name: str) -> Path | None:
+    """The record's image file under ``image_root`` (None without one).
+
+    Raises:
+        RecordError: ``several_images`` for a list of images (LLaVA-NeXT's interleaved format),
+            ``bad_image_field`` for a value that is not a path.
+    """
+    value = record.get(key)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None or value == "":
+        return None
+    if isinstance(value, list):
+        raise RecordError(
+            "several_images", f"record {name}: {len(value)} images; one image a sample is supported"
+        )
+    if not isinstance(value, str):
+        raise RecordError(
+            "bad_image_field", f"record {name}: '{key}' must be a path, got {type(value).__name__}"
+        )
+    return image_root / value
+
+
+def prepare_instruct(value: Any, index: int, image_root: Path) -> Prepared:
+    """Checks a LLaVA conversation record (``id``, optional ``image``, ``conversations``).
+
+    Raises:
+        RecordError: for anything LLaVA-NeXT could not train on, saying what to fix.
+    """
+    record = check_record(value, index)
+    name = record_name(record, index)
+    image = image_path(record, "image", image_root, name)
+    parse_conversation(record, has_image=image is not None)
+    return Prepared(index, name, record, image)
+
+
+def prepare_eval(
+    value: Any, index: int, image_root: Path, fields: EvalFields = EvalFields(), prompt_suffix: str = ""
+) -> Prepared:
+    """Turns an evaluation record into a LLaVA record with its reference answers.
+
+    The question (``<image>`` placeholders removed; one is put first when there is an image, as
+    LLaVA does) plus ``prompt_suffix`` is the human turn; the most frequent reference answer is
+    the gpt turn (for validation losses); all answers are kept in ``answers`` for the metrics.
+
+    Raises:
+        RecordError: ``no_question``, ``no_answer`` or the image and text errors.
+    """
+    record = check_record(value, index)
+    name = record_name(record, index, fields.id)
+    question = _first(record, fields.question)
+    if not isinstance(question, str) or not question.replace(IMAGE_PLACEHOLDER, "").strip():
+        raise RecordError("no_question", f"record {name}: no question under any of {list(fields.question)}")
+    answers = reference_answers(_first(record, fields.answers))
+    if not answers:
+        raise RecordError(
+            "no_answer", f"record {name}: no reference answer under any of {list(fields.answers)}"
+        )
+    image_key = next((k for k in fields.image if record.get(k) is not None), fields.image[0])
+    image = image_path(record, image_key, image_root, name)
+    raw_image = record.get(image_key)
+    text = question.replace(IMAGE_PLACEHOLDER, "").strip() + prompt_suffix
+    qtype = _first(record, fields.question_type)
+    out = {
+        "id": name,
+        "conversations": [
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{text}" if image is not None else text},
+            {"from": "gpt", "value": Counter(answers).most_common(1)[0][0]},
+        ],
+        "answers": answers,
+        "question_type": str(qtype) if qtype is not None else "unknown",
+    }
+    if image is not None:
+        out["image"] = str(raw_image[0] if isinstance(raw_image, list) else raw_image)
+    parse_conversation(out, has_image=image is not None)
+    return Prepared(index, name, out, image)
+
+
+def reference_answers(value: Any) -> list[str]:
+    """Reference answers as strings: a string, a number, or a list of them or of ``{"answer": ...}``."""
+    items = value if isinstance(value, list) else [value]
+    answers = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("answer")
+        if isinstance(item, str | int | float | bool) and str(item).strip():
+            answers.append(str(item).strip())
+    return answers
+
+
+def read_image(path: Path) -> tuple[str, bytes]:
+    """The image file's bytes and the shard extension to store them under.
+
+    The image is fully decoded once (a truncated JPEG only fails there); JPEG, PNG and WebP are
+    stored byte for byte, any other format PIL reads (GIF, BMP, ...) as lossless PNG of what LLaVA
+    would load (``convert("RGB")``).
+
+    Raises:
+        RecordError: ``image_file_missing`` or ``image_unreadable``, naming the file.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecordError(
+            "image_file_missing", f"{path} does not exist; check --images and the record"
+        ) from None
+    except OSError as exn:
+        raise RecordError("image_unreadable", f"{path}: {exn}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            ext = STORED_FORMATS.get(image.format or "")
+            if ext is None:
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="PNG")
+                ext, data = "png", buffer.getvalue()
+    except Exception as exn:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise RecordError("image_unreadable", f"{path}: cannot decode the image ({exn!r})") from None
+    return ext, data
+
+
+def _first(record: dict, keys: tuple[str, ...]) -> Any:
+    """The value of the first key present (not None) in ``record``."""
+    return next((record[k] for k in keys if record.get(k) is not None), None)

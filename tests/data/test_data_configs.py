@@ -1,0 +1,55 @@
+"""The data configs compose, resolve paths from AVGLAB_DATA and build a datamodule over converted shards."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from avglab.build import build_datamodule
+from avglab.cli import CONFIG_DIR
+
+DATA_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_every_data_config_composes_with_the_same_keys(monkeypatch, tmp_path):
+    monkeypatch.setenv("AVGLAB_DATA", str(tmp_path / "datasets"))
+    assert {"synth", "llava_pretrain", "llava_instruct", "eval_textvqa"} <= set(DATA_CONFIGS)
+    keys = None
+    for name in DATA_CONFIGS:
+        data = make_cfg(f"data={name}", f"workspace={tmp_path}").data
+        resolved = OmegaConf.to_container(data, resolve=True)
+        own = set(resolved) - {"synth"}
+        keys = keys or own
+        assert own == keys, name
+        if name != "synth":
+            assert resolved["kind"] == "shards" and resolved["root"].startswith(str(tmp_path / "datasets"))
+    pretrain = make_cfg("data=llava_pretrain", "stage=pretrain").data
+    assert pretrain.template == "plain" and pretrain.train_shards == "train-*.tar"
+    assert make_cfg("data=llava_instruct").data.template == "vicuna_v1"
+    assert make_cfg("data=eval_textvqa").data.max_skip_fraction == 0.0
+    assert make_cfg("data.max_skip_fraction=0.2").data.max_skip_fraction == 0.2  # synth takes it too
+    monkeypatch.delenv("AVGLAB_DATA")
+    fallback = make_cfg("data=llava_pretrain", f"workspace={tmp_path}").data.root
+    assert fallback == f"{tmp_path}/data/llava_pretrain"
+
+
+def test_build_datamodule_reads_converted_shards(
+    llava_shards, monkeypatch, tmp_path, tokenizer, image_processor
+):
+    monkeypatch.setenv("AVGLAB_DATA", str(tmp_path))
+    overrides = ["data=llava_instruct", "data.num_workers=0", "data.batch_size=4", f"workspace={tmp_path}"]
+    with pytest.raises(FileNotFoundError, match="python -m avglab.data.convert"):
+        build_datamodule(make_cfg(*overrides), tokenizer, image_processor)
+    shutil.copytree(llava_shards[0], tmp_path / "llava_instruct")
+    dm = build_datamodule(make_cfg(*overrides), tokenizer, image_processor)
+    assert set(dm.urls) == {"train"} and len(dm.urls["train"]) == 8 and dm.split_size("train") == 24
+    assert dm.val_dataloader() == []
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and dm.budget.max_fraction == 0.01
