@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+from avglab.model.hub import from_hub
 
 
 def tiny_llava(
@@ -20,12 +24,15 @@ def tiny_llava(
     text_layers: int = 2,
     text_heads: int = 4,
     seed: int = 0,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LlavaNextForConditionalGeneration:
     """A randomly initialised LLaVA-NeXT small enough to train on a laptop CPU in minutes.
 
     Same classes as the 7B checkpoints (CLIP vision tower, 2-layer GELU projector, LLaMA), so every
     code path the tiny model exercises is the one real checkpoints take. The vision feature layer
-    is -2 with the CLS token dropped, as in LLaVA-NeXT.
+    is -2 with the CLS token dropped, as in LLaVA-NeXT. ``attn_implementation`` and
+    ``gradient_checkpointing`` act as for checkpoints (see :func:`configure_llava`).
     """
     side = tile_size
     pinpoints = grid_pinpoints or [
@@ -68,24 +75,69 @@ def tiny_llava(
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     model.eval()
+    return configure_llava(model, attn_implementation, gradient_checkpointing)
+
+
+def resolve_attention(name: str | None) -> str | None:
+    """The attention implementation to ask transformers for.
+
+    ``auto`` picks ``flash_attention_2`` when the ``flash_attn`` package and a CUDA device are
+    present, else ``sdpa``; ``flash_attention_2`` without the package fails here, saying so.
+    """
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+    if name == "flash_attention_2" and not has_flash:
+        raise ImportError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package on a CUDA machine "
+            "(pip install flash-attn --no-build-isolation); use sdpa or auto otherwise"
+        )
+    return name
+
+
+def configure_llava(
+    model: LlavaNextForConditionalGeneration,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+) -> LlavaNextForConditionalGeneration:
+    """Applies the attention implementation and gradient checkpointing switches of ``model.*``.
+
+    Gradient checkpointing is HF's own (non-reentrant), on every decoder and vision encoder layer;
+    it only acts on modules in training mode, so frozen parts pay nothing for it.
+    """
+    attn = resolve_attention(attn_implementation)
+    if attn is not None and attn != model.config._attn_implementation:
+        model.set_attn_implementation(attn)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
 def pretrained_llava(
-    path_or_id: str, dtype: str = "float32", attn_implementation: str | None = None
+    path_or_id: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LlavaNextForConditionalGeneration:
-    """Loads a Hugging Face LLaVA-NeXT checkpoint (hub id or local folder) without network surprises.
+    """Loads a Hugging Face LLaVA-NeXT checkpoint (hub id or local folder), safetensors only.
+
+    Args:
+        path_or_id: hub id or folder written by ``save_pretrained``.
+        dtype: ``float32`` (master weights for training; pair with ``trainer.precision=bf16-mixed``),
+            ``bfloat16``/``float16`` (evaluation), or ``auto`` (the dtype stored in the checkpoint).
+        attn_implementation: ``sdpa``, ``flash_attention_2``, ``eager`` or ``auto`` (see
+            :func:`resolve_attention`).
+        gradient_checkpointing: recompute layer activations in the backward pass.
 
     Raises:
-        FileNotFoundError: when the weights are not on this machine, saying how to get them.
+        CheckpointNotFoundError: the weights are not on this machine; the message says how to get them.
     """
-    try:
-        return LlavaNextForConditionalGeneration.from_pretrained(
-            path_or_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
-        )
-    except OSError as err:
-        raise FileNotFoundError(
-            f"model.path={path_or_id!r} could not be loaded ({err}). Download it once on a machine with "
-            f"network access (`huggingface-cli download {path_or_id}`) into HF_HOME, or give a local "
-            "folder written by save_pretrained; HF_HUB_OFFLINE=1 keeps avglab from trying the network."
-        ) from err
+    model = from_hub(
+        LlavaNextForConditionalGeneration.from_pretrained,
+        path_or_id,
+        dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+        attn_implementation=resolve_attention(attn_implementation),
+        use_safetensors=True,  # never unpickle a .bin
+    )
+    model.eval()
+    return configure_llava(model, None, gradient_checkpointing)

@@ -82,7 +82,8 @@ class EvalStage(L.LightningModule):
         prompt = core.splice(
             batch["prompt_input_ids"], batch["prompt_attention_mask"], visual, padding_side="left"
         )
-        generated = greedy_generate(core, prompt, self.max_new_tokens, self.tokenizer.eos_token_id)
+        generated = self.generate(prompt, batch)
+        equivalent = self.equivalent_tokens(generated, visual)
         full = core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu())[:, -1]
         size = len(batch["input_ids"])
         latency = {
@@ -109,10 +110,36 @@ class EvalStage(L.LightningModule):
                     "granularity": core.scaler.granularities[int(levels[i])] if has_image else 0,
                     "visual_tokens": 0 if visual[i] is None else len(visual[i]),
                     "visual_tokens_full": int(full[i]),
+                    "visual_tokens_equivalent": float(equivalent[i]),
                     "latency_ms": latency,
                 }
             )
         return records
+
+    # --- in-LLM pruning (FocusLLaVA's text sampler): its decoding loop and layer-weighted tokens ---
+    def generate(self, prompt, batch: dict):
+        """Greedy decoding; a core with its own loop (``FocusCore.generate_greedy``) runs that one."""
+        own = getattr(self.core, "generate_greedy", None)
+        if own is not None:
+            return own(prompt, batch, self.max_new_tokens, self.tokenizer.eos_token_id)
+        return greedy_generate(self.core, prompt, self.max_new_tokens, self.tokenizer.eos_token_id)
+
+    @staticmethod
+    def equivalent_tokens(generated, visual: list) -> list[float]:
+        """Per sample m - n + i*n/L (METHOD 2.2); without in-LLM pruning, the first-layer count m."""
+        given = getattr(generated, "equivalent_tokens", None)
+        if given is not None:
+            return [float(x) for x in given]
+        return [0.0 if v is None else float(len(v)) for v in visual]
+
+    @staticmethod
+    def add_equivalent_means(results: dict[str, dict], records: dict[str, list[dict]]) -> None:
+        """``visual_tokens_equivalent_mean`` next to ``visual_tokens_mean`` for every mode."""
+        for name, recs in records.items():
+            values = [r["visual_tokens_equivalent"] for r in recs]
+            results[name]["visual_tokens_equivalent_mean"] = sum(values) / len(values)
+
+    # --- end of the in-LLM pruning addition ---
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         for name, level in self.modes:
@@ -121,6 +148,7 @@ class EvalStage(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         granularities = self.core.scaler.granularities
         self.results = {name: summarize(recs, granularities) for name, recs in self.records.items()}
+        self.add_equivalent_means(self.results, self.records)
         main = dict(self.results[self.selector_name])
         main.update(
             selector=self.selector_name,
@@ -144,6 +172,7 @@ class EvalStage(L.LightningModule):
                 scalars = {
                     f"eval/{name}/accuracy": m["accuracy"],
                     f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"],
+                    f"eval/{name}/visual_tokens_equivalent_mean": m["visual_tokens_equivalent_mean"],
                 }
                 scalars.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
                 self.logger.log_metrics(scalars, step=0)
@@ -155,3 +184,7 @@ class EvalStage(L.LightningModule):
         )
         print(f"latency ({LATENCY_NOTE}): {main['latency_ms']}")
         print(f"tokens: {TOKEN_NOTE}")
+        print(
+            "layer-weighted visual tokens (m - n + i*n/L; = first-layer count without in-LLM pruning): "
+            + ", ".join(f"{k} {v['visual_tokens_equivalent_mean']:.1f}" for k, v in self.results.items())
+        )

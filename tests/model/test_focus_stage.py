@@ -1,0 +1,84 @@
+"""FocusLLaVA through Hydra: stage=focus trains, stage=eval reports both token counts; bad keys are named."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from avglab.cli import CONFIG_DIR
+from avglab.model.focus_regions import FocusConfigError
+from avglab.run import run
+
+TINY = [
+    "data.synth.n_train=24",
+    "data.synth.n_val=4",
+    "data.synth.n_test=4",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "stage.max_steps=2",
+    "stage.val_every=2",
+    "trainer.limit_val_batches=1",
+    "checkpoint_every=2",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(workspace: Path, stage: str, *overrides: str, tag: str = ""):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                f"stage={stage}",
+                f"workspace={workspace}",
+                f"run_dir={workspace}/runs/{stage}{tag}",
+                *TINY,
+                *([] if stage == "eval" else ["stage.batch_size=4"]),
+                *overrides,
+            ],
+        )
+
+
+def test_focus_trains_and_evaluation_reports_first_layer_and_equivalent_tokens(tmp_path):
+    trained = run(make_cfg(tmp_path, "focus", "focus=both", "stage.previous=null"))
+    assert 0 < trained["params/trainable"] <= trained["params/total"]
+    assert {"train/loss_balance", "train/visual_tokens_equivalent_mean"} <= set(trained)
+    pointer = json.loads((tmp_path / "stages" / "focus.json").read_text())
+    metrics = run(make_cfg(tmp_path, "eval", "focus=both", f"init_from={pointer['path']}"))
+    assert metrics["selector"] == "focus_both" and metrics["samples"] == 4
+    assert metrics["visual_tokens_equivalent_mean"] < metrics["visual_tokens_mean"]  # pruned inside the LLM
+    assert (
+        metrics["visual_tokens_mean"] <= metrics["visual_tokens_full_mean"]
+    )  # the vision sampler never adds
+    full = metrics["fixed_levels"]["fixed@64"]
+    assert full["visual_tokens_mean"] == metrics["visual_tokens_full_mean"]
+    line = json.loads((tmp_path / "runs" / "eval" / "predictions.jsonl").read_text().splitlines()[0])
+    assert line["visual_tokens_equivalent"] <= line["visual_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["stage=rglf", "focus=both"], "focus=both runs with stage=focus"),
+        (["stage=focus", "focus=vision", "focus.vision.window=3"], "focus.vision.branches"),
+        (
+            ["stage=focus", "focus=vision", "focus.vision.balance_weights=[1,1,2]"],
+            "focus.vision.balance_weights",
+        ),
+        (["stage=focus", "focus=text", "focus.text.layer_range=[1,5]"], "focus.text.layer_range"),
+        (["stage=focus", "focus=text", "focus.text.gamma=0"], "focus.text.gamma"),
+        (["stage=focus", "focus=none"], "stage=focus trains FocusLLaVA"),
+    ],
+)
+def test_bad_focus_config_names_the_key(tmp_path, overrides, key):
+    stage, *rest = overrides
+    with pytest.raises((FocusConfigError, ValueError), match=key):
+        run(make_cfg(tmp_path, stage.split("=")[1], *rest, "stage.previous=null"))
