@@ -34,6 +34,7 @@ def make_cfg(workspace: Path, stage: str, *overrides: str, tag: str = ""):
                 f"workspace={workspace}",
                 f"run_dir={workspace}/runs/{stage}{tag}",
                 *TINY,
+                *([] if stage == "eval" else ["stage.batch_size=4"]),
                 *overrides,
             ],
         )

@@ -16,6 +16,8 @@ from avglab.data.synth import SynthConfig, ensure_synth_shards, synth_vocabulary
 from avglab.data.tokenizer import build_word_tokenizer
 from avglab.model.builders import pretrained_llava, tiny_llava
 from avglab.model.core import AvgCore
+from avglab.model.focus_build import build_focus_core, check_focus, focus_enabled
+from avglab.model.hub import check_geometry, load_image_processor, load_llava_config, load_tokenizer
 from avglab.model.router import FixedSelector, GranularityRouter, RandomSelector
 from avglab.model.scaler import GranularityScaler
 
@@ -31,10 +33,19 @@ def model_grid(model: DictConfig) -> int:
     """Tokens per tile side, known before any weight is loaded (for early config errors)."""
     if model.builder == "tiny":
         return model.tile_size // model.patch_size
-    from transformers import AutoConfig
-
-    vision = AutoConfig.from_pretrained(model.path).vision_config
+    vision = checkpoint_config(model).vision_config
     return vision.image_size // vision.patch_size
+
+
+def checkpoint_config(model: DictConfig):
+    """A pretrained checkpoint's LLaVA-NeXT config, checked against ``model.tile_size`` etc."""
+    if model.builder != "pretrained":
+        raise ValueError(f"model.builder={model.builder!r}: choose tiny or pretrained")
+    if not model.path:
+        raise ValueError("model.builder=pretrained needs model.path=<hub id or checkpoint folder>")
+    config = load_llava_config(model.path)
+    check_geometry(model, config)
+    return config
 
 
 def check_router(cfg: DictConfig, grid: int) -> None:
@@ -61,7 +72,7 @@ def check_router(cfg: DictConfig, grid: int) -> None:
 def build_tokenizer(cfg: DictConfig):
     """A checkpoint's own tokenizer, or for ``model=tiny`` a word-level one built from the data vocabulary."""
     if cfg.model.builder != "tiny":
-        return AutoTokenizer.from_pretrained(cfg.model.path)
+        return load_tokenizer(cfg.model.path, checkpoint_config(cfg.model))
     words = synth_vocabulary(synth_config(cfg.data))
     digest = hashlib.sha256(json.dumps(sorted(words)).encode()).hexdigest()[:12]
     folder = Path(cfg.workspace) / "tokenizers" / digest
@@ -86,8 +97,21 @@ def build_llava(cfg: DictConfig, tokenizer):
             text_hidden=m.text_hidden,
             text_layers=m.text_layers,
             seed=cfg.seed,
+            attn_implementation=m.get("attn_implementation"),
+            gradient_checkpointing=m.get("gradient_checkpointing", False),
         )
-    return pretrained_llava(m.path, m.dtype, m.get("attn_implementation"))
+    checkpoint_config(m)  # geometry checked before the weights are read
+    return pretrained_llava(
+        m.path, m.dtype, m.get("attn_implementation"), m.get("gradient_checkpointing", False)
+    )
+
+
+def build_image_processor_for(model: DictConfig, llava):
+    """The AnyRes image processor: the checkpoint's own, or for ``model=tiny`` one built to its tiles."""
+    if model.builder == "tiny":
+        vision = llava.config.vision_config
+        return build_image_processor(vision.image_size, llava.config.image_grid_pinpoints)
+    return load_image_processor(model.path, llava.config)
 
 
 def build_selector(router: DictConfig, hidden_size: int) -> nn.Module | None:
@@ -112,18 +136,28 @@ def build_selector(router: DictConfig, hidden_size: int) -> nn.Module | None:
 
 
 def build_core(cfg: DictConfig):
-    """Tokenizer, image processor and the core, after the router config has been checked."""
-    check_router(cfg, model_grid(cfg.model))
+    """Tokenizer, image processor and the core, after the router (or FocusLLaVA) config has been checked."""
+    focus = focus_enabled(cfg)  # FocusLLaVA (METHOD 2) replaces the router: focus=vision|text|both
+    if focus:
+        check_focus(cfg)
+    else:
+        check_router(cfg, model_grid(cfg.model))
     tokenizer = build_tokenizer(cfg)
     llava = build_llava(cfg, tokenizer)
-    image_processor = build_image_processor(
-        llava.config.vision_config.image_size, llava.config.image_grid_pinpoints
-    )
+    image_processor = build_image_processor_for(cfg.model, llava)
+    if focus:
+        return tokenizer, image_processor, build_focus_core(cfg.focus, llava, list(cfg.router.granularities))
     selector = build_selector(cfg.router, llava.config.text_config.hidden_size)
     return tokenizer, image_processor, AvgCore(llava, list(cfg.router.granularities), selector)
 
 
-def build_datamodule(cfg: DictConfig, tokenizer, image_processor, eval_batch_size: int | None = None):
+def build_datamodule(
+    cfg: DictConfig,
+    tokenizer,
+    image_processor,
+    eval_batch_size: int | None = None,
+    batch_size: int | None = None,
+):
     """The WebDataset datamodule over the configured shards (synth shards are written on first use).
 
     ``data.kind=shards`` reads ``data.<split>_shards`` globs under ``data.root`` (converter output,
@@ -144,7 +178,7 @@ def build_datamodule(cfg: DictConfig, tokenizer, image_processor, eval_batch_siz
         tokenizer=tokenizer,
         image_processor=image_processor,
         template=data.template,
-        batch_size=data.batch_size,
+        batch_size=batch_size or data.batch_size,
         eval_batch_size=eval_batch_size or data.eval_batch_size,
         num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer,

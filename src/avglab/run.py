@@ -14,9 +14,11 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from avglab.batching import apply_global_batch
 from avglab.build import build_core, build_datamodule
-from avglab.model.weights import load_core, save_core
+from avglab.model.weights import full_core_state, load_core, load_router, save_core
 from avglab.stages.evaluate import EvalStage
+from avglab.strategies import check_strategy
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +91,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         LearningRateMonitor(logging_interval="step"),
     ]
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
-    return instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks, strategy=strategy)
+    trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks, strategy=strategy)
+    if cfg.stage.name != "eval":
+        apply_global_batch(trainer, cfg)  # stage.global_batch_size -> accumulation for this world size
+    return trainer
 
 
 def run(cfg: DictConfig) -> dict:
     """Runs the configured stage and returns its metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    check_strategy(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     init = resolve_init(cfg)
@@ -103,9 +109,14 @@ def run(cfg: DictConfig) -> dict:
     if init is not None:
         loaded = load_core(core, init)
         log.info("initialised from %s (%s)", init, loaded)
+    if cfg.model.get("router_from"):  # a trained router over fresh or checkpoint LLaVA weights
+        loaded = load_router(core, cfg.model.router_from)
+        log.info("router from %s (%d tensors)", cfg.model.router_from, loaded)
     prints = fingerprint(cfg, init)
     stage = cfg.stage
-    datamodule = build_datamodule(cfg, tokenizer, image_processor, stage.get("eval_batch_size"))
+    datamodule = build_datamodule(
+        cfg, tokenizer, image_processor, stage.get("eval_batch_size"), stage.get("batch_size")
+    )
     trainer = build_trainer(cfg, run_dir)
     if stage.name == "eval":
         module = EvalStage(
@@ -122,15 +133,16 @@ def run(cfg: DictConfig) -> dict:
     module = get_class(stage.module)(core=core, stage=stage)
     module.train()  # builders return eval-mode models; frozen parts go back to eval each epoch
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # never unpickle code
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(module.parameter_counts())
     metrics["fit_seconds"] = time.perf_counter() - start
     metrics["skipped_samples"] = dict(datamodule.skipped)
+    state = full_core_state(core, trainer)  # a collective under sharded strategies: every rank gathers
     if trainer.is_global_zero:
-        out = save_core(
-            core, run_dir / "model", {"stage": stage.name, "metrics": metrics, "fingerprint": prints}
-        )
+        meta = {"stage": stage.name, "metrics": metrics, "fingerprint": prints}
+        out = save_core(core, run_dir / "model", meta, state)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.export` rebuilds
         pointer(cfg, stage.name).parent.mkdir(parents=True, exist_ok=True)
         pointer(cfg, stage.name).write_text(
             json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())})

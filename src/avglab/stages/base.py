@@ -7,19 +7,23 @@ import logging
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_scheduler
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from avglab.model.core import AvgCore
+from avglab.sharding import apply_fsdp2, is_sharded
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "projector", "newline", "llm", "router")
+UPSTREAM = {"projector": ("vision",), "llm": ("vision", "projector", "newline")}  # parts feeding a part
 
 
 def part_parameters(core: AvgCore, part: str) -> list[torch.nn.Parameter]:
     """Parameters of one named part of the core."""
     model = core.llava.model
     if part == "vision":
-        return list(model.vision_tower.parameters())
+        unused = {id(p) for p in unused_vision_parameters(core)}
+        return [p for p in model.vision_tower.parameters() if id(p) not in unused]
     if part == "projector":
         return list(model.multi_modal_projector.parameters())
     if part == "newline":
@@ -29,6 +33,37 @@ def part_parameters(core: AvgCore, part: str) -> list[torch.nn.Parameter]:
     if part == "router":
         return list(core.selector.parameters()) if core.selector is not None else []
     raise ValueError(f"stage.train: unknown part {part!r}; choose from {list(PARTS)}")
+
+
+def unused_vision_parameters(core: AvgCore) -> list[torch.nn.Parameter]:
+    """Vision tower parameters the LLM never sees, which stay frozen in every stage.
+
+    LLaVA-NeXT reads the hidden state of ``vision_feature_layer`` (-2): the layers after it,
+    the post-layernorm and a pooling head get no gradient. Training them would leave DDP waiting
+    for gradients that never come (``find_unused_parameters=false``) and waste optimizer state.
+    """
+    tower = core.llava.model.vision_tower
+    layers = [m for m in tower.modules() if isinstance(m, GradientCheckpointingLayer)]
+    feature = core.config.vision_feature_layer
+    used = max(i % (len(layers) + 1) for i in ([feature] if isinstance(feature, int) else feature))
+    unused = [p for layer in layers[used:] for p in layer.parameters()]
+    unused += [p for name, p in tower.named_parameters() if name.startswith(("post_layernorm", "head"))]
+    return unused
+
+
+def no_decay_ids(module: torch.nn.Module) -> set[int]:
+    """Ids of the parameters weight decay skips: biases and all parameters of norm layers.
+
+    Norms are found by class name (LayerNorm, LlamaRMSNorm, MistralRMSNorm, ...), as in the
+    Hugging Face Trainer, so any LLaVA-NeXT base is covered.
+    """
+    exempt = set()
+    for sub in module.modules():
+        norm = "norm" in type(sub).__name__.lower()
+        for name, param in sub.named_parameters(recurse=False):
+            if norm or name.endswith("bias"):
+                exempt.add(id(param))
+    return exempt
 
 
 class StageModule(L.LightningModule):
@@ -80,6 +115,15 @@ class StageModule(L.LightningModule):
                 continue
             for module in self.frozen_modules(part):
                 module.eval()
+            upstream_trains = set(UPSTREAM.get(part, ())) & set(self.stage.train)
+            if upstream_trains and self.core.llava.is_gradient_checkpointing:
+                # Gradients still flow through this frozen part (stage 1: LLM -> projector). HF only
+                # recomputes layers in training mode, so its checkpointed layers (dropout-free in
+                # LLaVA-NeXT's LLMs and CLIP) go back to train mode: model.gradient_checkpointing acts.
+                for module in self.frozen_modules(part):
+                    for layer in module.modules():
+                        if isinstance(layer, GradientCheckpointingLayer):
+                            layer.train()
 
     def frozen_modules(self, part: str) -> list[torch.nn.Module]:
         """Modules of a part (for switching frozen parts to eval mode)."""
@@ -91,21 +135,40 @@ class StageModule(L.LightningModule):
             "router": [self.core.selector] if self.core.selector is not None else [],
         }[part]
 
+    def configure_model(self) -> None:
+        """Shards the core with FSDP2 under ``strategy=fsdp2``; other strategies wrap it themselves."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not is_sharded(self):
+            apply_fsdp2(self, self.device_mesh["data_parallel"])
+
     def configure_optimizers(self):
-        """AdamW (no decay on biases and norms), linear warmup then cosine, stepped per batch."""
+        """AdamW with one lr per part, warmup then ``stage.schedule`` (cosine), stepped per batch.
+
+        The vision encoder takes ``stage.lr_vision`` (paper: 2e-6 in stage 2, 2e-5 in stage 3),
+        every other part ``stage.lr``; norms and biases get no weight decay unless
+        ``stage.no_decay_norms_biases=false``. Steps count optimizer steps, so the schedule is
+        the same for any accumulation (``stage.global_batch_size``).
+        """
         groups = []
+        exempt = no_decay_ids(self.core) if self.stage.get("no_decay_norms_biases", True) else set()
         for part in self.stage.train:
             params = [p for p in part_parameters(self.core, part) if p.requires_grad]
             lr = self.stage.lr_vision if part == "vision" and self.stage.lr_vision else self.stage.lr
-            decay = [p for p in params if p.ndim >= 2]
-            no_decay = [p for p in params if p.ndim < 2]
+            decay = [p for p in params if id(p) not in exempt]
+            no_decay = [p for p in params if id(p) in exempt]
             groups += [
                 {"params": decay, "lr": lr, "weight_decay": self.stage.weight_decay},
                 {"params": no_decay, "lr": lr, "weight_decay": 0.0},
             ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.stage.warmup_ratio * total), total)
+        scheduler = get_scheduler(
+            self.stage.get("schedule", "cosine"),
+            optimizer,
+            num_warmup_steps=int(self.stage.warmup_ratio * total),
+            num_training_steps=total,
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def batch_size(self, batch: dict) -> int:
