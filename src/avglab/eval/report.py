@@ -6,20 +6,27 @@ from collections import Counter, defaultdict
 from statistics import mean, median
 
 TOKEN_NOTE = (
-    "visual tokens fed to the LLM's first layer per sample: global view + unpadded local map + one "
-    "image_newline per row (LLaVA-NeXT packing); 'full' is the same image at the finest granularity"
+    "visual_tokens: tokens fed to the LLM's first layer per sample: global view + unpadded local map + one "
+    "image_newline per row (LLaVA-NeXT packing); 'full' is the same image at the finest granularity. "
+    "visual_tokens_per_grid: tokens per tile grid at the chosen granularity (one 'grid' = one tile, before "
+    "unpad, newlines excluded), the paper's Table 3 figure; per_grid_kept = its mean / the finest grid"
 )
 LATENCY_NOTE = (
-    "milliseconds per sample at batch size 1, medians: vision_projector = vision tower + projector; "
-    "selection = scaler + router + packing; prefill = prompt pass to the first token; decode = later tokens"
+    "milliseconds per sample at batch size 1 (each sample generated alone, after one untimed warm-up pass "
+    "per selector), medians over the first stage.latency_samples test samples of each selector: "
+    "vision_projector = vision tower + projector; selection = scaler + router + packing; prefill = prompt "
+    "pass to the first token; decode = later tokens; total = their sum. Accuracy comes from a separate "
+    "pass at stage.eval_batch_size with left padding"
 )
+PHASES = ("vision_projector", "selection", "prefill", "decode", "total")
 
 
 def summarize(records: list[dict], granularities: list[int]) -> dict:
     """Aggregates per-sample records of one selector.
 
     Args:
-        records: dicts with correct, question_type, level, visual_tokens, visual_tokens_full, latency_ms.
+        records: dicts with correct, question_type, level, granularity, visual_tokens, visual_tokens_full,
+            latency_ms (phase -> ms, or None for a sample that was not timed at batch size 1).
         granularities: tokens per tile of each level (histogram keys).
     """
     if not records:
@@ -34,7 +41,10 @@ def summarize(records: list[dict], granularities: list[int]) -> dict:
         hist_by_type[qtype] = {str(g): counts.get(i, 0) for i, g in enumerate(granularities)}
     tokens = mean(r["visual_tokens"] for r in records)
     full = mean(r["visual_tokens_full"] for r in records)
-    phases = records[0]["latency_ms"].keys()
+    with_image = [r["granularity"] for r in records if r["level"] >= 0]
+    per_grid = mean(with_image) if with_image else 0.0
+    timed = [r for r in records if r.get("latency_ms")]
+    same = [r["prediction_batch1"] == r["prediction"] for r in timed if "prediction_batch1" in r]
     return {
         "samples": len(records),
         "accuracy": mean(r["correct"] for r in records),
@@ -42,25 +52,38 @@ def summarize(records: list[dict], granularities: list[int]) -> dict:
         "visual_tokens_mean": tokens,
         "visual_tokens_full_mean": full,
         "token_reduction": 1 - tokens / full if full else 0.0,
+        "visual_tokens_per_grid_mean": per_grid,
+        "per_grid_kept": per_grid / granularities[-1] if with_image else 0.0,
         "granularity_histogram": {str(g): levels.get(i, 0) for i, g in enumerate(granularities)},
         "granularity_histogram_by_type": hist_by_type,
-        "latency_ms": {p: median(r["latency_ms"][p] for r in records) for p in phases},
+        "latency_ms": {p: median(r["latency_ms"][p] for r in timed) for p in PHASES} if timed else {},
+        "latency_samples": len(timed),
+        # batch-size-1 predictions of the timed samples equal to the batched ones (1.0 expected)
+        "batch1_agreement": mean(same) if same else None,
     }
 
 
 def format_table(results: dict[str, dict]) -> str:
     """A Markdown table: one row per selector (routed and fixed levels)."""
     types = sorted({t for m in results.values() for t in m["accuracy_by_type"]})
-    head = ["selector", "accuracy", *[f"acc {t}" for t in types], "visual tokens", "vs full", "latency ms"]
+    bench = next(iter(results.values())).get("benchmark")
+    score_head = [f"{bench['metric']}"] if bench else []
+    head = [
+        "selector", "accuracy", *score_head, *[f"acc {t}" for t in types], "visual tokens", "vs full",
+        "per grid", "latency ms (bs 1)",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results.items():
+        latency = m["latency_ms"].get("total")
         row = [
             name,
             f"{100 * m['accuracy']:.1f}",
+            *([f"{m['benchmark']['score']:.4g}"] if bench else []),
             *[f"{100 * m['accuracy_by_type'].get(t, float('nan')):.1f}" for t in types],
             f"{m['visual_tokens_mean']:.1f}",
             f"{100 * (1 - m['token_reduction']):.1f}%",
-            f"{m['latency_ms']['total']:.1f}",
+            f"{m['visual_tokens_per_grid_mean']:.1f} ({100 * m['per_grid_kept']:.1f}%)",
+            "-" if latency is None else f"{latency:.1f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

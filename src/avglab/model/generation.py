@@ -1,4 +1,9 @@
-"""Greedy decoding with a KV cache, timed per phase (prefill = time to first token, decode)."""
+"""Greedy decoding with a KV cache, timed per phase (prefill = time to first token, decode).
+
+Batches are left-padded (``AvgCore.splice(..., padding_side="left")``): the last column is a real
+token in every row and positions are counted over real tokens only, so a padded row decodes as it
+would alone (``tests/model/test_generation_batched.py`` checks it).
+"""
 
 from __future__ import annotations
 
@@ -37,7 +42,16 @@ class Generated:
 def greedy_generate(core: AvgCore, prompt: Spliced, max_new_tokens: int, eos_token_id: int) -> Generated:
     """Greedy decoding from spliced (left-padded for batches) prompt embeddings.
 
-    Positions are counted over real tokens, so left padding does not shift them.
+    Positions are counted over real tokens, so left padding does not shift them. The prompt pass
+    keeps only the last position's logits (``logits_to_keep=1``): (B, S, V) logits would cost more
+    than the LM head is worth on long visual prompts. ``eos_token_id=-1`` never stops early
+    (fixed-length decoding for benchmarks).
+
+    Args:
+        core: the model core (its ``llava`` runs the LLM).
+        prompt: (B, S, C) left-padded prompt from ``splice``.
+        max_new_tokens: generation budget.
+        eos_token_id: ends a row; that row's later tokens are eos.
     """
     device = prompt.embeds.device
     start = time.perf_counter()

@@ -1,4 +1,11 @@
-"""Evaluation stage: greedy answers, accuracy by question type, tokens, routing and latency."""
+"""Evaluation stage: greedy answers, accuracy by type, the benchmark's metric, tokens, routing, latency.
+
+Two passes per selector, each with one job. Accuracy: every test batch is generated at
+``stage.eval_batch_size`` with left padding (fast). Latency: the first ``stage.latency_samples``
+samples are generated again one at a time (batch size 1, the paper's setting) after one untimed
+warm-up pass, and timed per phase; their predictions must equal the batched ones
+(``batch1_agreement`` in metrics.json).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,30 @@ import lightning as L
 import torch
 
 from avglab.eval.metrics import exact_match
-from avglab.eval.report import LATENCY_NOTE, TOKEN_NOTE, format_table, histogram_figure, summarize
+from avglab.eval.report import LATENCY_NOTE, PHASES, TOKEN_NOTE, format_table, histogram_figure, summarize
+from avglab.eval.scoring import benchmark_score, check_metric
 from avglab.model.core import AvgCore
 from avglab.model.generation import greedy_generate, synchronize
 
 log = logging.getLogger(__name__)
+
+
+def sample_of(batch: dict, i: int) -> dict:
+    """Row ``i`` of a collate batch as a batch of one, its text trimmed to its own (right-padded) length.
+
+    Args:
+        batch: the collate contract (tensors with a leading batch axis, lists for ids/types/answers).
+        i: row index.
+    """
+    out = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else [v[i]] for k, v in batch.items()}
+    length = int(out["attention_mask"].sum())
+    for key in ("input_ids", "attention_mask", "labels", "instruction_mask"):
+        if key in out:
+            out[key] = out[key][:, :length]
+    prompt = int(out["prompt_attention_mask"].sum())
+    out["prompt_input_ids"] = out["prompt_input_ids"][:, :prompt]
+    out["prompt_attention_mask"] = out["prompt_attention_mask"][:, :prompt]
+    return out
 
 
 class EvalStage(L.LightningModule):
@@ -29,6 +55,9 @@ class EvalStage(L.LightningModule):
         compare_fixed: also evaluate each fixed granularity on the same samples.
         max_new_tokens: generation budget per answer.
         fingerprint: config hash and package versions recorded with the metrics.
+        latency_samples: samples per selector timed alone at batch size 1 (0: no latency).
+        metric: the benchmark's metric (``avglab.eval.scoring.METRICS``), from ``data.metric``.
+        eval_batch_size: batch size of the accuracy pass (recorded with the results).
     """
 
     def __init__(
@@ -40,8 +69,16 @@ class EvalStage(L.LightningModule):
         compare_fixed: bool = True,
         max_new_tokens: int = 8,
         fingerprint: dict | None = None,
+        latency_samples: int = 32,
+        metric: str = "exact_match",
+        eval_batch_size: int = 1,
     ):
         super().__init__()
+        if latency_samples < 0:
+            raise ValueError(f"stage.latency_samples={latency_samples}: must be >= 0")
+        self.latency_samples = latency_samples
+        self.metric = check_metric(metric)
+        self.eval_batch_size = eval_batch_size
         self.core = core
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir)
@@ -53,7 +90,28 @@ class EvalStage(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.fingerprint = fingerprint or {}
         self.records: dict[str, list[dict]] = {name: [] for name, _ in self.modes}
+        self.timed_count: dict[str, int] = {name: 0 for name, _ in self.modes}
         self.results: dict[str, dict] = {}
+
+    @classmethod
+    def from_config(cls, core: AvgCore, tokenizer, cfg, out_dir: Path, fingerprint: dict) -> EvalStage:
+        """The stage from the composed config (``stage.*``, ``data.metric``, ``router.kind``)."""
+        stage = cfg.stage
+        batch_size = stage.get("eval_batch_size") or cfg.data.eval_batch_size
+        if batch_size < 1:
+            raise ValueError(f"stage.eval_batch_size={batch_size}: must be >= 1")
+        return cls(
+            core,
+            tokenizer,
+            out_dir,
+            selector_name=cfg.router.kind,
+            compare_fixed=stage.compare_fixed,
+            max_new_tokens=stage.max_new_tokens,
+            fingerprint=fingerprint,
+            latency_samples=stage.get("latency_samples", 32),
+            metric=cfg.data.get("metric") or "exact_match",
+            eval_batch_size=batch_size,
+        )
 
     def timed(self, fn, *args):
         """Runs fn and returns (result, milliseconds), synchronising GPU work."""
@@ -94,6 +152,7 @@ class EvalStage(L.LightningModule):
         }
         latency["total"] = sum(latency.values())
         records = []
+        timed = size == 1  # a batched pass says nothing about per-sample latency
         for i in range(size):
             ids = generated.tokens[i].tolist()
             ids = ids[: ids.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in ids else ids
@@ -111,10 +170,29 @@ class EvalStage(L.LightningModule):
                     "visual_tokens": 0 if visual[i] is None else len(visual[i]),
                     "visual_tokens_full": int(full[i]),
                     "visual_tokens_equivalent": float(equivalent[i]),
-                    "latency_ms": latency,
+                    "latency_ms": dict(latency) if timed else None,
                 }
             )
         return records
+
+    @staticmethod
+    def scalars(name: str, m: dict) -> dict[str, float]:
+        """TensorBoard scalars of a selector: accuracy, benchmark metric, tokens, routing shares, latency."""
+        bench = m["benchmark"]
+        out = {
+            f"eval/{name}/accuracy": m["accuracy"],
+            f"eval/{name}/{bench['metric']}": bench["score"],
+            f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"],
+            f"eval/{name}/visual_tokens_per_grid_mean": m["visual_tokens_per_grid_mean"],
+            f"eval/{name}/visual_tokens_equivalent_mean": m["visual_tokens_equivalent_mean"],
+        }
+        out.update({f"eval/{name}/{bench['metric']}_{k}": v for k, v in bench["components"].items()})
+        out.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
+        total = max(1, sum(m["granularity_histogram"].values()))
+        out.update({f"eval/{name}/share_{g}": n / total for g, n in m["granularity_histogram"].items()})
+        latency = m["latency_ms"]
+        out.update({f"eval/{name}/latency_ms_{p}": latency[p] for p in PHASES if p in latency})
+        return out
 
     # --- in-LLM pruning (FocusLLaVA's text sampler): its decoding loop and layer-weighted tokens ---
     def generate(self, prompt, batch: dict):
@@ -143,17 +221,52 @@ class EvalStage(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         for name, level in self.modes:
-            self.records[name] += self.answer(batch, level)
+            records = self.answer(batch, level)
+            self.time_at_batch_size_one(name, level, batch, records)
+            self.records[name] += records
+
+    def time_at_batch_size_one(self, name: str, level: int | None, batch: dict, records: list[dict]) -> None:
+        """Re-generates the batch's first untimed samples alone, timed, until ``latency_samples`` are done.
+
+        The first timed sample of each selector is preceded by one untimed pass of the same sample
+        (warm-up: lazy allocations and kernel selection would otherwise land in its numbers).
+        """
+        batched = len(records) > 1
+        for i, record in enumerate(records):
+            if self.timed_count[name] >= self.latency_samples:
+                record["latency_ms"] = None
+                continue
+            if not batched and self.timed_count[name] > 0:
+                record["prediction_batch1"] = record["prediction"]  # already alone, and warm: keep its times
+            else:
+                # at batch size 1 the first pass was the warm-up; a batched pass needs its own
+                if batched and self.timed_count[name] == 0:
+                    self.answer(sample_of(batch, i), level)
+                alone = self.answer(sample_of(batch, i) if batched else batch, level)[0]
+                record["latency_ms"] = alone["latency_ms"]
+                record["prediction_batch1"] = alone["prediction"]
+            self.timed_count[name] += 1
 
     def on_test_epoch_end(self) -> None:
         granularities = self.core.scaler.granularities
         self.results = {name: summarize(recs, granularities) for name, recs in self.records.items()}
         self.add_equivalent_means(self.results, self.records)
+        for name, recs in self.records.items():
+            self.results[name]["benchmark"] = benchmark_score(self.metric, recs)
         main = dict(self.results[self.selector_name])
         main.update(
             selector=self.selector_name,
             token_counting=TOKEN_NOTE,
             latency_note=LATENCY_NOTE,
+            latency_protocol={
+                "batch_size": 1,
+                "samples_per_selector": self.latency_samples,
+                "warmup_passes": 1,
+                "statistic": "median",
+                "accuracy_batch_size": self.eval_batch_size,
+                "accuracy_padding": "left",
+                "max_new_tokens": self.max_new_tokens,
+            },
             granularities=granularities,
             fixed_levels={k: v for k, v in self.results.items() if k != self.selector_name},
             fingerprint=self.fingerprint,
@@ -169,20 +282,16 @@ class EvalStage(L.LightningModule):
         fig.savefig(self.out_dir / "granularity_histogram.png", dpi=100)
         if self.logger is not None:
             for name, m in self.results.items():
-                scalars = {
-                    f"eval/{name}/accuracy": m["accuracy"],
-                    f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"],
-                    f"eval/{name}/visual_tokens_equivalent_mean": m["visual_tokens_equivalent_mean"],
-                }
-                scalars.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
-                self.logger.log_metrics(scalars, step=0)
-            self.logger.experiment.add_figure("eval/granularity_histogram", fig)
+                self.logger.log_metrics(self.scalars(name, m), step=0)
+            self.logger.experiment.add_figure("eval/granularity_histogram", fig, global_step=0)
+            self.logger.experiment.flush()
         print(format_table(self.results))
         print(
             f"granularity histogram ({self.selector_name}, by question type): "
             f"{main['granularity_histogram_by_type']}"
         )
-        print(f"latency ({LATENCY_NOTE}): {main['latency_ms']}")
+        print(f"{self.metric}: {main['benchmark']['score']:.4g} ({main['benchmark']['counted']})")
+        print(f"latency ({LATENCY_NOTE}; {main['latency_samples']} samples): {main['latency_ms']}")
         print(f"tokens: {TOKEN_NOTE}")
         print(
             "layer-weighted visual tokens (m - n + i*n/L; = first-layer count without in-LLM pruning): "

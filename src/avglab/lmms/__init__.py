@@ -1,0 +1,1 @@
+"""lmms-eval plugin: ``--model avglab`` through the ``lmms_eval.models`` entry point (see registration)."""
