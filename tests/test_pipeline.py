@@ -103,6 +103,12 @@ def test_rglf_changes_only_the_router(workspace):
     assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("selector."))
 
 
+def test_eval_refuses_a_router_whose_trained_weights_do_not_fit(workspace):
+    ws, _ = workspace  # stage 4 trained router.k=4; k changes the router's voter, so k=6 cannot load it
+    with pytest.raises(ValueError, match="router.k"):
+        run(make_cfg(ws, "eval", "router.k=6", tag="-k6"))
+
+
 def test_missing_previous_stage_names_the_command(tmp_path):
     with pytest.raises(HandoffError, match="python -m avglab stage=multigran"):
         run(make_cfg(tmp_path, "rglf"))

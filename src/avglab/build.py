@@ -96,6 +96,7 @@ def build_llava(cfg: DictConfig, tokenizer):
             vision_layers=m.vision_layers,
             text_hidden=m.text_hidden,
             text_layers=m.text_layers,
+            text_heads=m.get("text_heads", 4),
             seed=cfg.seed,
             attn_implementation=m.get("attn_implementation"),
             gradient_checkpointing=m.get("gradient_checkpointing", False),

@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from avglab.batching import apply_global_batch
 from avglab.build import build_core, build_datamodule
+from avglab.eval_after import eval_after_config
 from avglab.model.weights import full_core_state, load_core, load_router, save_core
+from avglab.provenance import base_checkpoint, data_digest
 from avglab.stages.evaluate import EvalStage
 from avglab.strategies import check_strategy
 
@@ -67,7 +69,12 @@ def resolve_ckpt(cfg: DictConfig) -> str | None:
 
 
 def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
-    """Config hash, init weights and package versions recorded with every output."""
+    """Config hash, init weights, base checkpoint, data digests and package versions of an output.
+
+    ``base_checkpoint`` is the checkpoint whose LMM the run uses (``init`` minus router-only
+    stages, with the SHA-256 of its weights) and ``data_digest`` hashes each split's shards (set
+    by ``run`` once the shards exist): reports refuse to mix runs that differ in either.
+    """
     resolved = OmegaConf.to_container(cfg, resolve=True)
     text = json.dumps(
         {k: v for k, v in resolved.items() if k not in ("run_dir", "workspace", "data")}, sort_keys=True
@@ -75,6 +82,8 @@ def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
     return {
         "config_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
         "init_from": str(init) if init else None,
+        "base_checkpoint": base_checkpoint(init),
+        "data_digest": None,  # set by run() once the data module knows the shards
         "model": cfg.model.name,
         "data": cfg.data.name,
         "data_config": OmegaConf.to_container(cfg.data.get("synth") or {}, resolve=True),
@@ -97,6 +106,26 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     return trainer
 
 
+def check_selector_loaded(cfg: DictConfig, core, init: Path | None, loaded) -> None:
+    """Evaluation with a learned selector must find its trained weights.
+
+    Otherwise evaluation would silently score a randomly initialised router (e.g. ``router.k``
+    changed after stage 4, which changes the router's shapes).
+    """
+    learned = core.selector is not None and any(True for _ in core.selector.parameters())
+    uses_it = cfg.stage.name in ("eval", "bench")  # training stages either train it or ignore it
+    if cfg.stage.name == "bench" and cfg.stage.get("random_weights_ok", False):
+        return  # a timing benchmark: a random router costs what a trained one costs
+    found = isinstance(loaded, int) and loaded > 0 or isinstance(loaded, dict) and loaded.get("selector")
+    if learned and uses_it and not found:
+        raise ValueError(
+            f"router={cfg.router.kind} has learned weights, but {init or 'the initial weights'} has none "
+            f"that fit it (was stage 4 trained with the same router settings, e.g. router.k?). Train it with "
+            f"`python -m avglab stage=rglf router=... ` using the same overrides, or pass "
+            f"model.router_from=<folder>, or evaluate router=fixed/random/none."
+        )
+
+
 def run(cfg: DictConfig) -> dict:
     """Runs the configured stage and returns its metrics."""
     L.seed_everything(cfg.seed, workers=True)
@@ -104,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     init = resolve_init(cfg)
+    loaded = None
     ckpt = resolve_ckpt(cfg) if cfg.ckpt_path else None
     tokenizer, image_processor, core = build_core(cfg)
     if init is not None:
@@ -112,25 +142,25 @@ def run(cfg: DictConfig) -> dict:
     if cfg.model.get("router_from"):  # a trained router over fresh or checkpoint LLaVA weights
         loaded = load_router(core, cfg.model.router_from)
         log.info("router from %s (%d tensors)", cfg.model.router_from, loaded)
+    check_selector_loaded(cfg, core, init, loaded)
     prints = fingerprint(cfg, init)
     stage = cfg.stage
+    if stage.name == "bench":  # timing only: no data module, no trainer
+        from avglab.bench.runner import run_bench
+
+        return run_bench(cfg, core, tokenizer, image_processor, run_dir, prints)
     datamodule = build_datamodule(
         cfg, tokenizer, image_processor, stage.get("eval_batch_size"), stage.get("batch_size")
     )
+    prints["data_digest"] = data_digest(datamodule.urls)  # the shards this run reads, by content
     trainer = build_trainer(cfg, run_dir)
     if stage.name == "eval":
-        module = EvalStage(
-            core,
-            tokenizer,
-            run_dir,
-            selector_name=cfg.router.kind,
-            compare_fixed=stage.compare_fixed,
-            max_new_tokens=stage.max_new_tokens,
-            fingerprint=prints,
-        )
+        module = EvalStage.from_config(core, tokenizer, cfg, run_dir, prints)
         trainer.test(module, datamodule=datamodule)
         return json.loads((run_dir / "metrics.json").read_text())
     module = get_class(stage.module)(core=core, stage=stage)
+    if hasattr(module, "fit_datamodule"):  # e.g. stage=rglf_cached trains from a feedback cache
+        datamodule = module.fit_datamodule(cfg, datamodule, init)
     module.train()  # builders return eval-mode models; frozen parts go back to eval each epoch
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # never unpickle code
@@ -148,4 +178,6 @@ def run(cfg: DictConfig) -> dict:
             json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())})
         )
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if cfg.get("eval_after"):  # train and evaluate in one job (ablation/experiment configs)
+            metrics["eval"] = run(eval_after_config(cfg, out))
     return metrics

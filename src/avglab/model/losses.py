@@ -17,7 +17,8 @@ class RglfLoss:
     """Terms of Eq. 9 and what they were computed on.
 
     Attributes:
-        total: L_rank + alpha * L_ce, averaged over usable samples (0 with a graph if none).
+        total: rank_weight * L_rank + alpha * L_ce, averaged over usable samples (0 with a graph if
+            none); rank_weight is 1 in the paper, 0 in ablation (f).
         rank: mean over usable samples of the Eq. 5 pair sum.
         ce: mean over samples with a unique best level of Eq. 8.
         usable: (B,) samples with finite feedback (an answer token) and at least one untied pair.
@@ -74,9 +75,16 @@ def ranking_loss(scores: torch.Tensor, feedback: torch.Tensor, tie_eps: float = 
 
 
 def rglf_loss(
-    router_logits: torch.Tensor, feedback: torch.Tensor, alpha: float = 0.1, tie_eps: float = 0.0
+    router_logits: torch.Tensor,
+    feedback: torch.Tensor,
+    alpha: float = 0.1,
+    tie_eps: float = 0.0,
+    rank_weight: float = 1.0,
 ) -> RglfLoss:
     """L4 = L_rank + alpha * L_ce (Eq. 9) over the samples that carry a preference.
+
+    Table 4's loss ablations are weights of the two terms: (f) without the ranking loss is
+    ``rank_weight=0`` (L4 = alpha * L_ce), (g) without the CE loss is ``alpha=0`` (L4 = L_rank).
 
     Samples whose feedback is NaN (no answer token) or all tied (e.g. text-only) are left out of
     the ranking term; samples whose best level is tied are left out of the CE term (Eq. 8 needs
@@ -87,7 +95,12 @@ def rglf_loss(
         feedback: (B, N) LMM feedback (after any token cost).
         alpha: weight of the CE term (0.1 in the paper).
         tie_eps: feedback difference treated as a tie.
+        rank_weight: weight of the ranking term (1 in Eq. 9).
     """
+    if alpha < 0 or rank_weight < 0 or alpha == rank_weight == 0:
+        raise ValueError(
+            f"stage.alpha={alpha} and stage.rank_weight={rank_weight} must be >= 0 and not both 0"
+        )
     finite = torch.isfinite(feedback).all(dim=1)
     safe = torch.where(finite[:, None], feedback, torch.zeros_like(feedback))
     scores = F.log_softmax(router_logits.float(), dim=-1)
@@ -99,4 +112,4 @@ def rglf_loss(
     zero = router_logits.sum() * 0.0
     rank = ranking_loss(scores, safe, tie_eps)[usable].mean() if usable.any() else zero
     ce = -scores[ce_usable].gather(1, best[ce_usable, None]).mean() if ce_usable.any() else zero
-    return RglfLoss(rank + alpha * ce, rank, ce, usable, ce_usable, best)
+    return RglfLoss(rank_weight * rank + alpha * ce, rank, ce, usable, ce_usable, best)

@@ -16,7 +16,11 @@ class RglfStage(StageModule):
     Args:
         core: the shared core; its selector must be a trainable router.
         stage: stage config: alpha, tie_eps, token_cost (an optional price per visual token
-            subtracted from the feedback; 0 = the paper) and the optimizer settings.
+            subtracted from the feedback; 0 = the paper), rank_weight (1 = the paper, 0 = Table 4
+            ablation (f)) and the optimizer settings.
+
+    Subclasses change where router inputs and feedback come from by overriding :meth:`routed`
+    (``stage=rglf_cached`` reads them from a feedback cache); the loss and its logging are shared.
     """
 
     def __init__(self, core: AvgCore, stage: DictConfig):
@@ -43,14 +47,25 @@ class RglfStage(StageModule):
         )
         return encoded, apply_token_cost(scores, tokens, self.token_cost), tokens
 
-    def rglf_step(self, batch: dict, split: str) -> torch.Tensor:
-        """Eq. 9 on one batch, with routing statistics."""
+    def routed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (B, N) with grad, feedback r (B, N) after the token cost, tokens (B, N)."""
         encoded, feedback, tokens = self.feedback(batch)
         logits = self.core.selector(
             self.core.router_input(encoded, batch["input_ids"], batch["instruction_mask"])
         )
-        loss = rglf_loss(logits, feedback, alpha=self.stage.alpha, tie_eps=self.stage.tie_eps)
-        size = self.batch_size(batch)
+        return logits, feedback, tokens
+
+    def rglf_step(self, batch: dict, split: str) -> torch.Tensor:
+        """Eq. 9 on one batch, with routing statistics."""
+        logits, feedback, tokens = self.routed(batch)
+        loss = rglf_loss(
+            logits,
+            feedback,
+            alpha=self.stage.alpha,
+            tie_eps=self.stage.tie_eps,
+            rank_weight=self.stage.get("rank_weight", 1.0),
+        )
+        size = len(logits)
         no_answer = int((~torch.isfinite(feedback).all(dim=1)).sum())
         tied = int((~loss.usable).sum()) - no_answer
         if split == "train":

@@ -1,0 +1,92 @@
+"""Ablation configs compose to the intended rows; one job trains then evaluates; the cache is reused."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from avglab.cli import CONFIG_DIR
+from avglab.eval.tables import collect, table4
+from avglab.run import run
+
+ROWS = {  # ablation -> (stage, router kind, alpha, rank_weight, granularities)
+    "full": ("rglf_cached", "avg", 0.1, 1.0, [4, 8, 16, 32, 64]),
+    "fixed": ("eval", "fixed", None, None, [4, 8, 16, 32, 64]),
+    "random": ("eval", "random", None, None, [4, 8, 16, 32, 64]),
+    "image_only": ("rglf_cached", "image_only", 0.1, 1.0, [4, 8, 16, 32, 64]),
+    "granularity_set": ("rglf_cached", "avg", 0.1, 1.0, [4, 16, 64]),
+    "gumbel": ("gumbel", "avg", None, None, [4, 8, 16, 32, 64]),
+    "no_rank": ("rglf_cached", "avg", 1.0, 0.0, [4, 8, 16, 32, 64]),
+    "no_ce": ("rglf_cached", "avg", 0.0, 1.0, [4, 8, 16, 32, 64]),
+}
+TINY = [
+    "data.synth.n_train=40",
+    "data.synth.n_val=8",
+    "data.synth.n_test=6",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "trainer.limit_val_batches=1",
+]
+
+
+def cfg(workspace: Path, name: str, *overrides: str):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[f"workspace={workspace}", f"run_dir={workspace}/runs/{name}", *TINY, *overrides],
+        )
+
+
+def test_every_table4_row_has_a_config_and_composes_to_its_row(tmp_path):
+    assert {p.stem for p in Path(CONFIG_DIR, "ablation").glob("*.yaml")} == set(ROWS)
+    for row, (stage, kind, alpha, rank_weight, levels) in ROWS.items():
+        c = cfg(tmp_path, row, "experiment=ablations", f"ablation={row}")
+        assert (c.stage.name, c.router.kind, list(c.router.granularities)) == (stage, kind, levels), row
+        assert (c.stage.get("alpha"), c.stage.get("rank_weight")) == (alpha, rank_weight), row
+        assert c.eval_after.name == "eval" and c.eval_after.compare_fixed is False
+        if stage != "eval":
+            assert c.stage.max_steps == 60 and c.stage.batch_size == 16  # the tiny_<stage> recipe
+
+
+@pytest.fixture(scope="module")
+def stage3(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    for stage in ("pretrain", "multigran"):
+        run(
+            cfg(
+                ws,
+                stage,
+                f"stage={stage}",
+                "stage.max_steps=1",
+                "stage.val_every=1",
+                "stage.batch_size=4",
+                "stage.previous=null" if stage == "pretrain" else "stage.previous=pretrain",
+            )
+        )
+    return ws
+
+
+def test_ablation_jobs_train_then_evaluate_and_the_report_reads_them(stage3):
+    small = [
+        "stage.max_steps=2",
+        "stage.val_every=2",
+        "stage.batch_size=4",
+        "++stage.cache_train_samples=8",
+        "++stage.cache_val_samples=4",
+        "router.k=4",
+    ]
+    full = run(cfg(stage3, "full", "experiment=ablations", "ablation=full", *small))
+    assert full["feedback_cache/train_built"] == 1.0
+    assert json.loads((stage3 / "runs/full/eval/metrics.json").read_text())["samples"] == 6
+    again = run(
+        cfg(stage3, "k2", "experiment=ablations", "ablation=full", "router.k=2", "stage.alpha=0.5", *small)
+    )
+    assert again["feedback_cache/train_built"] == 0.0  # another k and alpha reuse the same feedback
+    fixed = run(cfg(stage3, "fixed", "experiment=ablations", "ablation=fixed"))
+    base = json.loads((stage3 / "stages" / "multigran.json").read_text())["path"]
+    assert fixed["fingerprint"]["base_checkpoint"]["path"] == base
+    assert full["eval"]["fingerprint"]["base_checkpoint"] == fixed["fingerprint"]["base_checkpoint"]
+    runs, identity = collect([stage3 / "runs" / "full", stage3 / "runs" / "fixed"])
+    assert {r.ablation for r in runs} == {None}  # no .hydra here: rows come from a multirun's choices
+    assert identity["base_path"] == base and "| " in table4(runs)

@@ -1,0 +1,105 @@
+"""``python -m avglab.report``: tables and figures from multirun folders, and refusal to mix bases."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from avglab.eval.tables import MixedRunsError, collect, sweep, table4
+from avglab.report import main
+
+BASE = {"path": "/ws/runs/multigran/x/model", "sha256": "a" * 64}
+
+
+def write_job(
+    folder, ablation, stage, router, accuracy, tokens, k=32, alpha=0.1, cost=0.0, base=BASE, test="t1"
+):
+    """A fake Hydra job: .hydra files, and an evaluation metrics.json (in eval/ after a fit)."""
+    (folder / ".hydra").mkdir(parents=True)
+    cfg = {
+        "stage": {"name": stage, "alpha": alpha, "rank_weight": 1.0},
+        "router": {"kind": router, "k": k, "token_cost": cost},
+    }
+    OmegaConf.save(OmegaConf.create(cfg), folder / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"hydra": {"runtime": {"choices": {"ablation": ablation}}}}),
+        folder / ".hydra" / "hydra.yaml",
+    )
+    out = folder / "eval" if stage != "eval" else folder
+    out.mkdir(exist_ok=True)
+    hist = {"glance": {"4": 3, "64": 1}, "gaze": {"4": 0, "64": 4}}
+    metrics = {
+        "accuracy": accuracy,
+        "accuracy_by_type": {"glance": accuracy, "gaze": accuracy / 2},
+        "visual_tokens_mean": tokens,
+        "token_reduction": 1 - tokens / 250,
+        "granularities": [4, 8, 16, 32, 64],
+        "granularity_histogram_by_type": hist,
+        "fingerprint": {"base_checkpoint": base, "data": "synth", "data_digest": {"test": test}},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    record = {
+        "question_type": "glance",
+        "visual_tokens": tokens,
+        "visual_tokens_full": 250,
+        "correct": True,
+        "latency_ms": {"total": tokens / 10},
+    }
+    (out / "predictions.jsonl").write_text(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def multirun(tmp_path):
+    write_job(tmp_path / "0", "full", "rglf_cached", "avg", 0.8, 100)
+    write_job(tmp_path / "1", "fixed", "eval", "fixed", 0.85, 250)
+    write_job(tmp_path / "2", "no_ce", "rglf_cached", "avg", 0.7, 120, alpha=0.0)
+    for i, k in enumerate((1, 4)):
+        write_job(tmp_path / "k" / str(i), None, "rglf_cached", "avg", 0.6 + k / 100, 90, k=k)
+    for i, cost in enumerate((0.001, 0.01)):
+        write_job(
+            tmp_path / "c" / str(i), None, "rglf_cached", "avg", 0.7 - cost, 80 - 1000 * cost, cost=cost
+        )
+    return tmp_path
+
+
+def test_tables_and_sweeps_are_collected(multirun):
+    runs, identity = collect([multirun])
+    assert identity["base_sha256"] == "a" * 64 and len(runs) == 7
+    text = table4(runs)
+    assert text.index("AVG-LLaVA") < text.index("(a) fixed") < text.index("(g) w/o CE")
+    assert "| AVG-LLaVA (RGLF) | 80.0 | 40.0 | 80.0 | 100.0 | 40.0 |" in text
+    assert [v for v, _ in sweep(runs, "k")] == [1, 4, 32]  # the full row joins every sweep
+    assert [v for v, _ in sweep(runs, "alpha")] == [0.0, 0.1]
+    assert [v for v, _ in sweep(runs, "token_cost")] == [0.0, 0.001, 0.01]
+
+
+def test_report_writes_tables_figures_and_tensorboard(multirun, tmp_path):
+    out = tmp_path / "report"
+    assert main([str(multirun), "--out", str(out)]) == 0
+    text = (out / "tables.md").read_text()
+    assert (
+        "Table 4" in text and "Table 3" in text and "sweep: k" in text and "| glance | 40.0% | 2.50x" in text
+    )
+    for png in ("fig5_routing.png", "fig6_k.png", "fig7_alpha.png", "pareto_token_cost.png"):
+        assert (out / png).stat().st_size > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("what", ["base", "data"])
+def test_report_refuses_to_mix_base_checkpoints_or_data(multirun, tmp_path, capsys, what):
+    if what == "base":
+        write_job(
+            multirun / "9", "random", "eval", "random", 0.5, 130, base={"path": "/other", "sha256": "b" * 64}
+        )
+    else:
+        write_job(multirun / "9", "random", "eval", "random", 0.5, 130, test="t2")
+    with pytest.raises(MixedRunsError, match="base_sha256" if what == "base" else "test_sha256"):
+        collect([multirun])
+    assert main([str(multirun), "--out", str(tmp_path / "r")]) == 2
+    assert "refusing to mix runs" in capsys.readouterr().err
+
+
+def test_runs_without_a_base_checkpoint_record_are_refused(multirun):
+    write_job(multirun / "9", "random", "eval", "random", 0.5, 130, base=None)
+    with pytest.raises(MixedRunsError, match="records no base checkpoint"):
+        collect([multirun])
