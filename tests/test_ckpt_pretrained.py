@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from stage_config import compose_config, compose_stage
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from avglab.build import build_core, synth_config
-from avglab.cli import CONFIG_DIR
 from avglab.data.synth import synth_vocabulary
 from avglab.export import load_pretrained
 from avglab.export import main as export_main
@@ -33,31 +32,10 @@ FAST = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(workspace: Path, checkpoint: Path, stage: str, *overrides: str, tag: str = ""):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                f"stage={stage}",
-                f"workspace={workspace}",
-                f"run_dir={workspace}/runs/{stage}{tag}",
-                "model=llava_next_vicuna_7b",
-                f"model.path={checkpoint}",
-                *TINY_OVERRIDES,
-                *FAST,
-                *(["stage.compare_fixed=false", "stage.max_new_tokens=2"] if stage == "eval" else []),
-                *overrides,
-            ],
-        )
+    model = ["model=llava_next_vicuna_7b", f"model.path={checkpoint}", *TINY_OVERRIDES]
+    short_eval = ["stage.compare_fixed=false", "stage.max_new_tokens=2"] if stage == "eval" else []
+    return compose_stage(workspace, stage, *model, *FAST, *short_eval, *overrides, tag=tag)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +44,7 @@ def chain(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ckpt")
     offline = pytest.MonkeyPatch()
     offline.setenv("HF_HUB_OFFLINE", "1")  # everything below must load from local folders
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        data = compose("config", overrides=[f"workspace={ws}"]).data
+    data = compose_config(f"workspace={ws}").data
     checkpoint = write_tiny_checkpoint(ws / "tiny-llava-next", synth_vocabulary(synth_config(data)), seed=1)
     results = {
         stage: run(make_cfg(ws, checkpoint, stage)) for stage in ("pretrain", "instruct", "multigran", "rglf")
@@ -166,8 +143,7 @@ def test_resume_checkpoints_load_without_pickle(chain):
 def test_missing_hub_checkpoint_offline_says_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["model=llava_next_vicuna_7b", f"workspace={tmp_path}"])
+    cfg = compose_config("model=llava_next_vicuna_7b", f"workspace={tmp_path}")
     with pytest.raises(CheckpointNotFoundError) as err:
         build_core(cfg)
     message = str(err.value)
@@ -176,15 +152,8 @@ def test_missing_hub_checkpoint_offline_says_what_to_download(tmp_path, monkeypa
 
 
 def test_missing_local_folder_names_what_it_needs(tmp_path):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                "model=llava_next_vicuna_7b",
-                f"model.path={tmp_path}/nowhere",
-                f"workspace={tmp_path}",
-            ],
-        )
+    missing = f"model.path={tmp_path}/nowhere"
+    cfg = compose_config("model=llava_next_vicuna_7b", missing, f"workspace={tmp_path}")
     with pytest.raises(CheckpointNotFoundError, match="config.json"):
         build_core(cfg)
 

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from stage_config import compose_stage
 
-from avglab.cli import CONFIG_DIR
 from avglab.run import HandoffError, run
 
 TINY = [
@@ -26,18 +25,8 @@ TINY = [
 
 
 def make_cfg(workspace: Path, stage: str, *overrides: str, tag: str = ""):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                f"stage={stage}",
-                f"workspace={workspace}",
-                f"run_dir={workspace}/runs/{stage}{tag}",
-                *TINY,
-                *([] if stage == "eval" else ["stage.batch_size=4"]),
-                *overrides,
-            ],
-        )
+    batch = [] if stage == "eval" else ["stage.batch_size=4"]
+    return compose_stage(workspace, stage, *TINY, *batch, *overrides, tag=tag)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
+from stage_config import compose_stage
 from torch.utils.data import DataLoader, IterableDataset
 
 from avglab.build import build_core, synth_config
-from avglab.cli import CONFIG_DIR
 from avglab.data.datamodule import ShardDataModule
 from avglab.data.synth import ensure_synth_shards
 from avglab.model.weights import full_core_state
@@ -45,28 +44,8 @@ DATA = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(workspace: Path, name: str, *overrides: str):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "stage=instruct",
-                f"workspace={workspace}",
-                f"run_dir={workspace}/runs/{name}",
-                "stage.previous=null",
-                *DATA,
-                *overrides,
-            ],
-        )
+    return compose_stage(workspace, "instruct", "stage.previous=null", *DATA, *overrides, name=name)
 
 
 def step_cfg(workspace: Path, name: str, *overrides: str):

@@ -7,13 +7,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
+from stage_config import compose_run
 
 from avglab.batching import accumulation_steps, apply_global_batch
 from avglab.build import build_core
-from avglab.cli import CONFIG_DIR
 from avglab.memory_estimate import LayerCost, activation_gb, parameter_counts
 from avglab.model.builders import tiny_llava
 from avglab.strategies import FSDP2Strategy, check_strategy, transformer_layers
@@ -21,22 +20,8 @@ from avglab.strategies import FSDP2Strategy, check_strategy, transformer_layers
 SMALL = ["data.synth.n_train=8", "data.synth.n_val=4", "data.synth.n_test=2", "router.k=4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(tmp_path: Path, *overrides: str, hydra: bool = False):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[f"workspace={tmp_path}", f"run_dir={tmp_path}/run", *SMALL, *overrides],
-            return_hydra_config=hydra,
-        )
+    return compose_run(tmp_path, f"{tmp_path}/run", *SMALL, *overrides, hydra=hydra)
 
 
 # ----------------------------------------------------------------- strategies and launchers

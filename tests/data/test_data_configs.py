@@ -4,8 +4,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from stage_config import compose_config
 
 from avglab.build import build_datamodule
 from avglab.cli import CONFIG_DIR
@@ -13,9 +13,7 @@ from avglab.cli import CONFIG_DIR
 DATA_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
 
 
-def make_cfg(*overrides: str):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+make_cfg = compose_config
 
 
 def test_every_data_config_composes_with_the_same_keys(monkeypatch, tmp_path):

@@ -3,23 +3,18 @@
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
+from stage_config import compose_run
 from transformers import LlamaConfig
 
 from avglab.bench.flops import prefill_flops
-from avglab.cli import CONFIG_DIR
 from avglab.run import run
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     ws = tmp_path_factory.mktemp("bench")
-    overrides = [
-        "stage=bench", f"workspace={ws}", f"run_dir={ws}/run", "stage.repeats=1", "stage.warmup=0",
-        "stage.inputs=1", "stage.max_new_tokens=2", "router.k=4",
-    ]  # fmt: skip
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    fast = ["stage.repeats=1", "stage.warmup=0", "stage.inputs=1", "stage.max_new_tokens=2", "router.k=4"]
+    cfg = compose_run(ws, f"{ws}/run", "stage=bench", *fast)
     result = run(cfg)
     return ws / "run", result
 

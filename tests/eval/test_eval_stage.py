@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from stage_config import compose_run
 
 from avglab.cli import CONFIG_DIR
 from avglab.eval.scoring import METRICS, benchmark_score
@@ -24,14 +24,7 @@ SMALL = [
 
 
 def compose_cfg(workspace: Path, *overrides: str, small: bool = True):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "stage=eval", f"workspace={workspace}", f"run_dir={workspace}/run", *(SMALL if small else []),
-                *overrides,
-            ],
-        )  # fmt: skip
+    return compose_run(workspace, f"{workspace}/run", "stage=eval", *(SMALL if small else []), *overrides)
 
 
 @pytest.fixture(scope="module")

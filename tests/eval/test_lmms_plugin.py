@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
+from stage_config import compose_config
 
 from avglab.build import build_core, synth_config
-from avglab.cli import CONFIG_DIR
 from avglab.data.collate import collate
 from avglab.data.processor import SampleProcessor
 from avglab.data.synth import make_sample
@@ -28,8 +27,7 @@ class Request:
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     ws = tmp_path_factory.mktemp("lmms")
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"workspace={ws}", "router.k=4"])
+    cfg = compose_config(f"workspace={ws}", "router.k=4")
     torch.manual_seed(0)
     tokenizer, image_processor, core = build_core(cfg)
     return cfg, tokenizer, image_processor, core.eval()

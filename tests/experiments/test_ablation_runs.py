@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from stage_config import compose_run
 
 from avglab.cli import CONFIG_DIR
 from avglab.eval.tables import collect, table4
@@ -31,11 +31,7 @@ TINY = [
 
 
 def cfg(workspace: Path, name: str, *overrides: str):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[f"workspace={workspace}", f"run_dir={workspace}/runs/{name}", *TINY, *overrides],
-        )
+    return compose_run(workspace, f"{workspace}/runs/{name}", *TINY, *overrides)
 
 
 def test_every_table4_row_has_a_config_and_composes_to_its_row(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import IMAGE_ID, LEVELS, make_batch, select_rows
+from tiny_batches import IMAGE_ID, LEVELS, make_batch, select_rows
 from torch.nn.utils.rnn import pad_sequence
 
 from avglab.model.core import AvgCore

@@ -1,10 +1,9 @@
 """FocusCore end to end: generation with a pruned KV cache, gradients and training of the selector."""
 
 import lightning as L
-import pytest
 import torch
-from conftest import IMAGE_ID, LEVELS, PAD_ID, VOCAB
 from omegaconf import OmegaConf
+from tiny_batches import IMAGE_ID, LEVELS, PAD_ID, VOCAB
 from torch.utils.data import DataLoader
 
 from avglab.model.builders import tiny_llava
@@ -15,14 +14,6 @@ from avglab.model.generation import greedy_generate
 from avglab.stages.focus import FocusStage
 
 PROMPT = 10  # conftest prompts: <image> at 3, instruction at 4..8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def both(llava, gamma=0.6, stochastic=False):

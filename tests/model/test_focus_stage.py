@@ -4,10 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
+from stage_config import compose_stage
 
-from avglab.cli import CONFIG_DIR
 from avglab.model.focus_regions import FocusConfigError
 from avglab.run import run
 
@@ -24,27 +22,9 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(workspace: Path, stage: str, *overrides: str, tag: str = ""):
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                f"stage={stage}",
-                f"workspace={workspace}",
-                f"run_dir={workspace}/runs/{stage}{tag}",
-                *TINY,
-                *([] if stage == "eval" else ["stage.batch_size=4"]),
-                *overrides,
-            ],
-        )
+    batch = [] if stage == "eval" else ["stage.batch_size=4"]
+    return compose_stage(workspace, stage, *TINY, *batch, *overrides, tag=tag)
 
 
 def test_focus_trains_and_evaluation_reports_first_layer_and_equivalent_tokens(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import LEVELS, select_rows
+from tiny_batches import LEVELS, select_rows
 
 from avglab.model.builders import tiny_llava
 from avglab.model.focus_core import FocusCore
@@ -16,14 +16,6 @@ from avglab.model.focus_text import (
     select_by_gamma,
     visual_attention_scores,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_cumulative_gamma_selection_on_a_hand_built_attention_map():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import LEVELS, SIZES
+from tiny_batches import LEVELS, SIZES
 
 from avglab.model.core import AvgCore
 from avglab.model.focus_regions import (
@@ -18,15 +18,6 @@ from avglab.model.focus_vision import VisionSampler, balance_loss
 
 THREE = [[1, 1], [2, 2], [4, 4]]
 SEVEN = THREE + [[4, 2], [2, 4], [2, 1], [1, 2]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine run far faster without intra-op threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def project(llava, batch):

@@ -1,7 +1,7 @@
 """Batched greedy generation with left padding gives the batch-size-1 predictions."""
 
 import torch
-from conftest import LEVELS, SIZES, make_batch
+from tiny_batches import LEVELS, SIZES, make_batch
 
 from avglab.model.core import AvgCore
 from avglab.model.generation import greedy_generate
@@ -19,6 +19,17 @@ def prompts_of(core, batch, levels, lengths, rows):
     return core.splice(ids, mask, [visual[r] for r in rows], padding_side="left")
 
 
+def last_logits(core, prompt):
+    """The LLM's next-token logits after each row of a spliced ``prompt`` (one forward, no grad)."""
+    with torch.no_grad():
+        return core.llava(
+            inputs_embeds=prompt.embeds,
+            attention_mask=prompt.attention_mask,
+            position_ids=prompt.position_ids,
+            logits_to_keep=1,
+        ).logits[:, -1]
+
+
 def test_left_padded_batch_generates_what_each_sample_generates_alone(llava, image_processor):
     core = AvgCore(llava, LEVELS).eval()
     batch = make_batch(image_processor, SIZES, [20, 16, 18, 13], seed=3)
@@ -29,25 +40,12 @@ def test_left_padded_batch_generates_what_each_sample_generates_alone(llava, ima
     assert len(set(together.attention_mask.sum(1).tolist())) == 4  # really four different lengths
     assert (together.attention_mask[:, -1] == 1).all() and (together.attention_mask[:, 0] == 0).any()
     batched = greedy_generate(core, together, max_new_tokens=6, eos_token_id=-1)
-    with torch.no_grad():
-        last = core.llava(
-            inputs_embeds=together.embeds,
-            attention_mask=together.attention_mask,
-            position_ids=together.position_ids,
-            logits_to_keep=1,
-        ).logits[:, -1]
+    last = last_logits(core, together)
     for r in rows:
         alone = prompts_of(core, batch, levels, lengths, [r])
         single = greedy_generate(core, alone, max_new_tokens=6, eos_token_id=-1)
         assert torch.equal(batched.tokens[r], single.tokens[0]), f"row {r} decodes differently when batched"
-        with torch.no_grad():
-            ref = core.llava(
-                inputs_embeds=alone.embeds,
-                attention_mask=alone.attention_mask,
-                position_ids=alone.position_ids,
-                logits_to_keep=1,
-            ).logits[:, -1]
-        torch.testing.assert_close(last[r], ref[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(last[r], last_logits(core, alone)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_eos_stops_a_row_without_changing_the_others(llava, image_processor):

@@ -1,5 +1,5 @@
 import torch
-from conftest import LEVELS, select_rows
+from tiny_batches import LEVELS, select_rows
 
 from avglab.model.router import GranularityRouter, RouterInput, filter_instruction
 
