@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# One intra-op thread per process: the tests run many tiny ops and some spawn 2 processes, where
+# torch's default threads per process oversubscribe a small machine (measured 4-30x slower).
 test: install
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, default=8, help="GPUs for the 7B estimate")
     parser.add_argument("--micro-batch", type=int, default=1, help="7B micro batch per GPU")
     parser.add_argument("--text-tokens", type=int, default=128, help="7B text tokens per sample")
-    parser.add_argument("--router-ffn", type=int, default=None, help="router ffn size (default 4 x 4096)")
+    parser.add_argument("--router-ffn", type=int, default=None, help="router ffn (default 4096)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     measured = measure_all(args.batch)

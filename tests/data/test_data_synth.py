@@ -1,5 +1,6 @@
 import io
 import json
+import math
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_manifest_counts_match_shards(synth_cfg, synth_urls):
         assert len(synth_urls[split]) == -(-n // synth_cfg.samples_per_shard)
         by_type = {t: sum(r["question_type"] == t for r in recs) for t in ("glance", "gaze")}
         assert by_type == entry["question_type"]
-        assert by_type["gaze"] == round(n * synth_cfg.gaze_fraction)  # the 50/50 mix is exact
+        assert by_type["gaze"] == math.floor(n * synth_cfg.split_gaze_fraction(split))  # the mix is exact
         assert len({r["id"] for r in recs}) == n
     assert manifest["config"]["seed"] == synth_cfg.seed
 
@@ -105,20 +106,25 @@ def test_local_tile_boxes_follow_anyres_padding():
 
 
 @pytest.mark.parametrize("size", [(64, 128), (128, 64), (128, 128), (96, 128), (128, 96)])
-def test_marker_lies_inside_one_local_tile_away_from_shape(image_processor, size):
+def test_bar_fills_one_pooling_window_of_one_local_tile_away_from_shape(image_processor, size):
     cfg = SynthConfig(seed=1, image_sizes=[size])
+    patch = cfg.patch_size
     for index in range(16):
         scene = make_sample(cfg, "train", index)["json"]["synth"]
         x0, y0, x1, y1 = scene["marker_box"]
         sx0, sy0, sx1, sy1 = scene["shape_box"]
         assert x1 <= sx0 or x0 >= sx1 or y1 <= sy0 or y0 >= sy1
-        assert x1 - x0 == y1 - y0 == cfg.marker_size
-        # Only the marker, white on black, through the real AnyRes processor: one local tile shows it.
+        assert (x1 - x0, y1 - y0) == (2 * cfg.marker_size, cfg.marker_size)
+        # Only the bar, white on black, through the real AnyRes processor: one local tile shows it,
+        # on exactly one 2-patch window of the (1, 2) pooling, each half on one patch.
         probe = Image.new("RGB", (scene["width"], scene["height"]))
         ImageDraw.Draw(probe).rectangle((x0, y0, x1 - 1, y1 - 1), fill=(255, 255, 255))
         tiles = image_processor(probe, return_tensors="pt")["pixel_values"][0, 1:]  # drop the global view
         lit = [i for i, tile in enumerate(tiles) if (tile > 1.0).any()]
         assert lit == [scene["marker_tile"]]
+        rows, cols = np.nonzero((tiles[lit[0]] > 1.0).any(0).numpy())
+        assert rows.min() % patch == 0 and rows.max() + 1 == rows.min() + patch
+        assert cols.min() % (2 * patch) == 0 and cols.max() + 1 == cols.min() + 2 * patch
 
 
 def test_image_content_matches_record():
@@ -129,7 +135,10 @@ def test_image_content_matches_record():
         pixels = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
         assert pixels.shape == (scene["height"], scene["width"], 3)
         x0, y0, x1, y1 = scene["marker_box"]
-        assert (pixels[y0:y1, x0:x1] == cfg.colors[scene["marker_color"]]).all()
+        mid = (x0 + x1) // 2  # the gaze answer is the left half's colour
+        assert (pixels[y0:y1, x0:mid] == cfg.colors[scene["marker_color"]]).all()
+        assert (pixels[y0:y1, mid:x1] == cfg.colors[scene["marker_right_color"]]).all()
+        assert scene["marker_color"] != scene["marker_right_color"]
         sx0, sy0, sx1, sy1 = scene["shape_box"]
         assert (pixels[(sy0 + sy1) // 2 + 2, (sx0 + sx1) // 2] == cfg.colors[scene["shape_color"]]).all()
         outside = np.ones(pixels.shape[:2], dtype=bool)
@@ -157,4 +166,8 @@ def test_bad_config_is_rejected_with_the_key_to_fix():
     with pytest.raises(ValueError, match="shape_palette"):
         SynthConfig(background_palette=["red"], shape_palette=["red"])
     with pytest.raises(RuntimeError, match="shape_fraction"):
-        make_sample(SynthConfig(image_sizes=[(64, 128)], shape_fraction=0.9, marker_size=63), "train", 0)
+        make_sample(SynthConfig(image_sizes=[(64, 64)], shape_fraction=0.99), "train", 0)
+    with pytest.raises(ValueError, match="marker_size"):
+        SynthConfig(marker_size=9)
+    with pytest.raises(ValueError, match="patch_size"):
+        SynthConfig(patch_size=12)

@@ -1,9 +1,12 @@
 """The embedded glance/gaze VQA set: generated from a seed, written once as WebDataset shards.
 
 Each image has coarse content (background colour, one big shape and its colour) that survives
-the coarsest pooling, and fine content (a small square marker inside one AnyRes local tile)
-whose colour is averaged away there. ``glance`` questions ask about the coarse content, ``gaze``
-questions about the marker, so the right granularity depends on the instruction. Samples are
+the coarsest pooling, and fine content: a small two-colour bar inside one AnyRes local tile, each
+half exactly one patch, the whole bar exactly one window of the first (1x2) pooling. ``glance``
+questions ask about the coarse content; the ``gaze`` question asks for the colour of the bar's
+left half, which only the finest level keeps: every pooled level averages the two halves into one
+symmetric mixture, so at best it knows the pair, not which is left. The right granularity thus
+depends on the instruction. Samples are
 stored as ``__key__``/``png``/``json`` with the LLaVA-format record the real-data converter
 writes, so one datamodule reads both.
 """
@@ -30,7 +33,7 @@ from transformers.image_processing_utils import select_best_resolution
 from avglab.data.templates import get_template
 from avglab.data.tokenizer import SPECIAL_TOKENS
 
-GENERATOR_VERSION = 1  # bump when the drawing or the records change, so old shards are not reused
+GENERATOR_VERSION = 2  # bump when the drawing or the records change, so old shards are not reused
 SPLITS = ("train", "val", "test")
 SHAPES = ["circle", "square", "triangle"]
 COLORS = {  # far apart in RGB; no black, which is the AnyRes padding colour
@@ -56,7 +59,7 @@ QUESTIONS = (
     Question("background_color", "glance", "what color is the background?"),
     Question("shape", "glance", "what shape is the big object?"),
     Question("shape_color", "glance", "what color is the big shape?"),
-    Question("marker_color", "gaze", "what color is the small square?"),
+    Question("marker_color", "gaze", "what color is the left half of the small bar?"),
 )
 
 
@@ -70,13 +73,19 @@ class SynthConfig:
         image_sizes: (height, width) choices; the defaults give AnyRes 2-4 local tiles.
         tile_size: AnyRes tile side S of the model (the marker is placed inside one local tile).
         grid_pinpoints: the model's AnyRes resolutions [height, width].
-        marker_size: side of the small square, in image pixels.
+        patch_size: the model's patch side P, in tile pixels (the bar is aligned to its grid).
+        marker_size: side of each half of the bar, in tile pixels (the bar is 2 x 1 halves);
+            at most ``patch_size``, so no half spans two patches.
         shape_fraction: side of the big shape's box as a fraction of the image's short side.
-        gaze_fraction: share of gaze questions in every split (spread evenly over the indices).
+        gaze_fraction: share of gaze questions in the val and test splits (spread evenly over
+            the indices); the default 1/3 asks each of the three default question kinds equally.
+        train_gaze_fraction: the same for the train split (None: ``gaze_fraction``). The default
+            0.5 oversamples the bar question, which the tiny model learns slowest.
         samples_per_shard: samples per tar shard (keep >= 1 shard per rank and worker).
         colors: colour name -> RGB.
         background_palette, shape_palette, marker_palette: colour names each part draws from;
-            the shape and marker colours are drawn independently, each distinct from the background.
+            the shape and bar colours are drawn independently, each distinct from the background,
+            and the bar's two halves differ.
         shapes: big shape kinds (circle, square, triangle).
     """
 
@@ -91,9 +100,11 @@ class SynthConfig:
     grid_pinpoints: list[list[int]] = field(
         default_factory=lambda: [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]
     )
-    marker_size: int = 12
+    patch_size: int = 8
+    marker_size: int = 8
     shape_fraction: float = 0.7
-    gaze_fraction: float = 0.5
+    gaze_fraction: float = 1 / 3
+    train_gaze_fraction: float | None = 0.5
     samples_per_shard: int = 50
     colors: dict[str, list[int]] = field(default_factory=lambda: {k: list(v) for k, v in COLORS.items()})
     background_palette: list[str] = field(default_factory=lambda: list(COLORS))
@@ -114,17 +125,29 @@ class SynthConfig:
             problems.append("n_train/n_val/n_test must be >= 0")
         if not self.image_sizes or any(len(s) != 2 or min(s) < 1 for s in self.image_sizes):
             problems.append(f"image_sizes must be positive (height, width) pairs, got {self.image_sizes}")
+        if self.patch_size < 1 or self.tile_size % (2 * self.patch_size):
+            problems.append(
+                f"tile_size ({self.tile_size}) must be a multiple of 2 x patch_size ({self.patch_size})"
+            )
+        if not 1 <= self.marker_size <= self.patch_size:
+            problems.append(
+                f"marker_size must be in [1, patch_size={self.patch_size}], got {self.marker_size}"
+            )
         if self.samples_per_shard < 1:
             problems.append("samples_per_shard must be >= 1")
-        if not 0.0 < self.shape_fraction < 1.0 or not 0.0 <= self.gaze_fraction <= 1.0:
-            problems.append("shape_fraction must be in (0, 1) and gaze_fraction in [0, 1]")
+        if not 0.0 < self.shape_fraction < 1.0:
+            problems.append("shape_fraction must be in (0, 1)")
+        for name in ("gaze_fraction", "train_gaze_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {value}")
         for name in ("background_palette", "shape_palette", "marker_palette"):
             unknown = sorted(set(getattr(self, name)) - set(self.colors))
             if unknown or not getattr(self, name):
                 problems.append(f"{name} must be a non-empty list of names in colors, unknown: {unknown}")
-        for palette in ("shape_palette", "marker_palette"):
-            if any(set(getattr(self, palette)) <= {bg} for bg in self.background_palette):
-                problems.append(f"{palette} needs a colour other than each background colour")
+        for palette, needed in (("shape_palette", 1), ("marker_palette", 2)):
+            if any(len(set(getattr(self, palette)) - {bg}) < needed for bg in self.background_palette):
+                problems.append(f"{palette} needs {needed} colour(s) other than each background colour")
         unknown_shapes = sorted(set(self.shapes) - set(SHAPES))
         if unknown_shapes or not self.shapes:
             problems.append(f"shapes must be a non-empty subset of {SHAPES}, unknown: {unknown_shapes}")
@@ -138,6 +161,12 @@ class SynthConfig:
             )
         if problems:
             raise ValueError("invalid SynthConfig: " + "; ".join(problems))
+
+    def split_gaze_fraction(self, split: str) -> float:
+        """Share of gaze questions in ``split``."""
+        if split == "train" and self.train_gaze_fraction is not None:
+            return self.train_gaze_fraction
+        return self.gaze_fraction
 
     def digest(self) -> str:
         """Short hash of the config and generator version, naming the shard folder."""
@@ -156,8 +185,32 @@ class Scene:
     shape_color: str
     shape_box: tuple[int, int, int, int]
     marker_color: str
+    marker_right_color: str
     marker_box: tuple[int, int, int, int]
     marker_tile: int
+
+
+def anyres_layout(
+    height: int, width: int, tile_size: int, grid_pinpoints: list[list[int]]
+) -> tuple[float, list[tuple[float, float]]]:
+    """How ``LlavaNextImageProcessor`` lays an image out.
+
+    Best pinpoint, aspect-preserving resize, centred padding, S x S tiles.
+
+    Returns:
+        The resize scale and each local tile's unclipped top-left corner in image coordinates
+        (row-major; negative where the tile starts in the padding).
+    """
+    target_h, target_w = select_best_resolution((height, width), grid_pinpoints)
+    scale = min(target_w / width, target_h / height)
+    new_w, new_h = min(math.ceil(width * scale), target_w), min(math.ceil(height * scale), target_h)
+    pad_x, pad_y = (target_w - new_w) // 2, (target_h - new_h) // 2
+    origins = [
+        ((col * tile_size - pad_x) / scale, (row * tile_size - pad_y) / scale)
+        for row in range(target_h // tile_size)
+        for col in range(target_w // tile_size)
+    ]
+    return scale, origins
 
 
 def local_tile_boxes(
@@ -165,44 +218,42 @@ def local_tile_boxes(
 ) -> list[tuple[float, float, float, float]]:
     """Where AnyRes puts each local tile, in image coordinates (row-major, clipped to the image).
 
-    Mirrors ``LlavaNextImageProcessor``: best pinpoint, aspect-preserving resize, centred padding,
-    then S x S tiles; a tile that is only padding gets an empty box.
+    A tile that is only padding gets an empty box.
     """
-    target_h, target_w = select_best_resolution((height, width), grid_pinpoints)
-    scale = min(target_w / width, target_h / height)
-    new_w, new_h = min(math.ceil(width * scale), target_w), min(math.ceil(height * scale), target_h)
-    pad_x, pad_y = (target_w - new_w) // 2, (target_h - new_h) // 2
-    boxes = []
-    for row in range(target_h // tile_size):
-        for col in range(target_w // tile_size):
-            x0, y0 = (col * tile_size - pad_x) / scale, (row * tile_size - pad_y) / scale
-            x1, y1 = x0 + tile_size / scale, y0 + tile_size / scale
-            boxes.append((max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)))
-    return boxes
+    scale, origins = anyres_layout(height, width, tile_size, grid_pinpoints)
+    side = tile_size / scale
+    return [(max(x, 0.0), max(y, 0.0), min(x + side, width), min(y + side, height)) for x, y in origins]
 
 
 def _place_marker(
-    rng: random.Random, tiles: list[tuple[float, float, float, float]], shape_box: tuple[int, ...], size: int
+    rng: random.Random, scene_size: tuple[int, int], shape_box: tuple[int, ...], cfg: SynthConfig
 ) -> tuple[tuple[int, int, int, int], int] | None:
-    """A marker box strictly inside one local tile and clear of the shape's box, or None."""
+    """A bar box on the pooling grid of one local tile, clear of the shape's box, or None.
+
+    The bar's top-left corner sits on a 2P x P grid in tile pixels, so after AnyRes each half
+    fills one patch and the bar fills one window of the (1, 2) pooling (exact when the resize
+    scale is 1, as for every default image size).
+    """
+    height, width = scene_size
+    scale, origins = anyres_layout(height, width, cfg.tile_size, cfg.grid_pinpoints)
+    bar_w, bar_h = round(2 * cfg.marker_size / scale), round(cfg.marker_size / scale)
+    step_x, step_y = 2 * cfg.patch_size / scale, cfg.patch_size / scale
     sx0, sy0, sx1, sy1 = shape_box
-    for _ in range(200):
-        tile = rng.randrange(len(tiles))
-        tx0, ty0, tx1, ty1 = tiles[tile]
-        lo_x, hi_x = math.ceil(tx0) + 1, math.floor(tx1) - 1 - size  # 1 px inside: robust to resampling
-        lo_y, hi_y = math.ceil(ty0) + 1, math.floor(ty1) - 1 - size
-        if lo_x > hi_x or lo_y > hi_y:
-            continue
-        x, y = rng.randint(lo_x, hi_x), rng.randint(lo_y, hi_y)
-        clear = (
-            x + size + MARKER_GAP <= sx0
-            or x >= sx1 + MARKER_GAP
-            or y + size + MARKER_GAP <= sy0
-            or y >= sy1 + MARKER_GAP
-        )
-        if clear:
-            return (x, y, x + size, y + size), tile
-    return None
+    spots = []
+    for tile, (ox, oy) in enumerate(origins):
+        for i in range(cfg.tile_size // (2 * cfg.patch_size)):
+            for j in range(cfg.tile_size // cfg.patch_size):
+                x, y = round(ox + i * step_x), round(oy + j * step_y)
+                inside = x >= 0 and y >= 0 and x + bar_w <= width and y + bar_h <= height
+                clear = (
+                    x + bar_w + MARKER_GAP <= sx0
+                    or x >= sx1 + MARKER_GAP
+                    or y + bar_h + MARKER_GAP <= sy0
+                    or y >= sy1 + MARKER_GAP
+                )
+                if inside and clear:
+                    spots.append(((x, y, x + bar_w, y + bar_h), tile))
+    return rng.choice(spots) if spots else None
 
 
 def sample_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
@@ -216,14 +267,15 @@ def sample_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
     shape = rng.choice(cfg.shapes)
     shape_color = rng.choice([c for c in cfg.shape_palette if c != background])
     marker_color = rng.choice([c for c in cfg.marker_palette if c != background])
-    tiles = local_tile_boxes(height, width, cfg.tile_size, cfg.grid_pinpoints)
+    marker_right_color = rng.choice([c for c in cfg.marker_palette if c not in (background, marker_color)])
     side = max(1, round(cfg.shape_fraction * min(height, width)))
     for _ in range(50):
         x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
         shape_box = (x0, y0, x0 + side, y0 + side)
-        placed = _place_marker(rng, tiles, shape_box, cfg.marker_size)
+        placed = _place_marker(rng, (height, width), shape_box, cfg)
         if placed is not None:
-            return Scene(height, width, background, shape, shape_color, shape_box, marker_color, *placed)
+            colors = (background, shape, shape_color, shape_box, marker_color, marker_right_color)
+            return Scene(height, width, *colors, *placed)
     raise RuntimeError(
         f"no room for a {cfg.marker_size}px marker beside a {side}px shape in a {height}x{width} image; "
         "lower synth.shape_fraction or synth.marker_size"
@@ -243,7 +295,9 @@ def draw_scene(scene: Scene, cfg: SynthConfig) -> Image.Image:
     else:
         draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
     mx0, my0, mx1, my1 = scene.marker_box
-    draw.rectangle((mx0, my0, mx1 - 1, my1 - 1), fill=tuple(cfg.colors[scene.marker_color]))
+    mid = (mx0 + mx1) // 2
+    draw.rectangle((mx0, my0, mid - 1, my1 - 1), fill=tuple(cfg.colors[scene.marker_color]))
+    draw.rectangle((mid, my0, mx1 - 1, my1 - 1), fill=tuple(cfg.colors[scene.marker_right_color]))
     return image
 
 
@@ -251,8 +305,9 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> dict:
     """Sample ``index`` of ``split`` as a WebDataset sample (``__key__``, ``png`` bytes, ``json`` dict)."""
     rng = random.Random(f"avglab-synth/{cfg.seed}/{split}/{index}")  # str seeds hash stably across runs
     scene = sample_scene(rng, cfg)
-    # Low-discrepancy split: exactly round(n * gaze_fraction) gaze questions, evenly spread.
-    is_gaze = math.floor((index + 1) * cfg.gaze_fraction) > math.floor(index * cfg.gaze_fraction)
+    # Low-discrepancy split: exactly floor(n * fraction) gaze questions, evenly spread.
+    fraction = cfg.split_gaze_fraction(split)
+    is_gaze = math.floor((index + 1) * fraction) > math.floor(index * fraction)
     question_type = "gaze" if is_gaze else "glance"
     asked = [q for q in QUESTIONS if q.question_type == question_type and q.kind in cfg.question_kinds]
     question = rng.choice(asked)
