@@ -33,7 +33,7 @@ demo: install
 	$(BIN)/python -m avglab stage=pretrain
 	$(BIN)/python -m avglab stage=instruct
 	$(BIN)/python -m avglab stage=multigran
-	$(BIN)/python -m avglab stage=rglf
+	$(BIN)/python -m avglab stage=rglf_cached
 	$(BIN)/python -m avglab stage=eval
 
 tensorboard: install

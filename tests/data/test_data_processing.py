@@ -8,7 +8,7 @@ from avglab.data.processor import RecordError, SampleProcessor
 from avglab.data.templates import VICUNA_V1, Turn
 from avglab.data.tokenizer import build_word_tokenizer
 
-QUESTION = "what color is the small square?"
+QUESTION = "what color is the flat bar?"
 PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]
 
 
@@ -135,7 +135,7 @@ def test_truncation_without_answer_is_skipped_and_counted(tokenizer, image_proce
 
 
 def test_collate_pads_to_the_batch_contract(processor, tokenizer):
-    long_question = "what color is the big shape? what color is the small square?"
+    long_question = "what color is the big shape? what color is the flat bar?"
     a = processor(record(), image(64, 128))  # 1 + 2 tiles
     b = processor(
         record(question=long_question, answer="blue", answers=["blue", "navy"]), image(128, 128)

@@ -135,14 +135,18 @@ def test_image_content_matches_record():
         pixels = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
         assert pixels.shape == (scene["height"], scene["width"], 3)
         x0, y0, x1, y1 = scene["marker_box"]
-        mid = (x0 + x1) // 2  # the gaze answer is the left half's colour
-        assert (pixels[y0:y1, x0:mid] == cfg.colors[scene["marker_color"]]).all()
-        assert (pixels[y0:y1, mid:x1] == cfg.colors[scene["marker_right_color"]]).all()
-        assert scene["marker_color"] != scene["marker_right_color"]
+        # The gaze answer is the flat bar's colour: cell m x m, flat bar m x m/2, upright m/2 x m.
+        m, q = cfg.marker_size, cfg.marker_size // 4
+        flat_x, up_x = (x0, x0 + m) if scene["flat_left"] else (x0 + m, x0)
+        assert (pixels[y0 + q : y1 - q, flat_x : flat_x + m] == cfg.colors[scene["marker_color"]]).all()
+        assert (pixels[y0:y1, up_x + q : up_x + m - q] == cfg.colors[scene["upright_color"]]).all()
+        assert (pixels[y0:y0 + q, flat_x : flat_x + m] == cfg.colors[scene["background"]]).all()
+        assert (pixels[y0:y1, up_x : up_x + q] == cfg.colors[scene["background"]]).all()
+        assert scene["marker_color"] != scene["upright_color"]
         sx0, sy0, sx1, sy1 = scene["shape_box"]
         assert (pixels[(sy0 + sy1) // 2 + 2, (sx0 + sx1) // 2] == cfg.colors[scene["shape_color"]]).all()
         outside = np.ones(pixels.shape[:2], dtype=bool)
-        outside[sy0:sy1, sx0:sx1] = outside[y0:y1, x0:x1] = False
+        outside[sy0:sy1, sx0:sx1] = outside[y0:y1, x0:x1] = False  # the bars' window holds bg too
         assert (pixels[outside] == cfg.colors[scene["background"]]).all()
         assert scene["background"] not in (scene["marker_color"], scene["shape_color"])
         kind = scene["question"]
@@ -152,7 +156,7 @@ def test_image_content_matches_record():
 
 def test_vocabulary_covers_every_record(synth_cfg, synth_urls, tokenizer):
     vocab = set(synth_vocabulary(synth_cfg))
-    assert {"what", "color", "small", "square", "assistant", "user", "?", ":"} <= vocab
+    assert {"what", "color", "flat", "bar", "square", "assistant", "user", "?", ":"} <= vocab
     assert not {"<", "</", ">", "image"} & vocab  # special tokens are not words
     for rec in records(synth_urls["train"]):
         text = " ".join(turn["value"] for turn in rec["conversations"])

@@ -10,15 +10,15 @@ from avglab.cli import CONFIG_DIR
 from avglab.eval.tables import collect, table4
 from avglab.run import run
 
-ROWS = {  # ablation -> (stage, router kind, alpha, rank_weight, granularities)
-    "full": ("rglf_cached", "avg", 0.1, 1.0, [4, 8, 16, 32, 64]),
+ROWS = {  # ablation -> (stage output name, router kind, alpha, rank_weight, granularities)
+    "full": ("rglf", "avg", 0.1, 1.0, [4, 8, 16, 32, 64]),
     "fixed": ("eval", "fixed", None, None, [4, 8, 16, 32, 64]),
     "random": ("eval", "random", None, None, [4, 8, 16, 32, 64]),
-    "image_only": ("rglf_cached", "image_only", 0.1, 1.0, [4, 8, 16, 32, 64]),
-    "granularity_set": ("rglf_cached", "avg", 0.1, 1.0, [4, 16, 64]),
+    "image_only": ("rglf", "image_only", 0.1, 1.0, [4, 8, 16, 32, 64]),
+    "granularity_set": ("rglf", "avg", 0.1, 1.0, [4, 16, 64]),
     "gumbel": ("gumbel", "avg", None, None, [4, 8, 16, 32, 64]),
-    "no_rank": ("rglf_cached", "avg", 1.0, 0.0, [4, 8, 16, 32, 64]),
-    "no_ce": ("rglf_cached", "avg", 0.0, 1.0, [4, 8, 16, 32, 64]),
+    "no_rank": ("rglf", "avg", 1.0, 0.0, [4, 8, 16, 32, 64]),
+    "no_ce": ("rglf", "avg", 0.0, 1.0, [4, 8, 16, 32, 64]),
 }
 TINY = [
     "data.synth.n_train=40",
@@ -42,7 +42,7 @@ def test_every_table4_row_has_a_config_and_composes_to_its_row(tmp_path):
         assert (c.stage.get("alpha"), c.stage.get("rank_weight")) == (alpha, rank_weight), row
         assert c.eval_after.name == "eval" and c.eval_after.compare_fixed is False
         if stage != "eval":
-            assert c.stage.max_steps == 60 and c.stage.batch_size == 16  # the tiny_<stage> recipe
+            assert c.stage.max_steps == 300 and c.stage.batch_size == 16  # the tiny_<stage> recipe
 
 
 @pytest.fixture(scope="module")

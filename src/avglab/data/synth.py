@@ -1,12 +1,12 @@
 """The embedded glance/gaze VQA set: generated from a seed, written once as WebDataset shards.
 
 Each image has coarse content (background colour, one big shape and its colour) that survives
-the coarsest pooling, and fine content: a small two-colour bar inside one AnyRes local tile, each
-half exactly one patch, the whole bar exactly one window of the first (1x2) pooling. ``glance``
-questions ask about the coarse content; the ``gaze`` question asks for the colour of the bar's
-left half, which only the finest level keeps: every pooled level averages the two halves into one
-symmetric mixture, so at best it knows the pair, not which is left. The right granularity thus
-depends on the instruction. Samples are
+the coarsest pooling, and fine content: two small bars of equal area and different colours, a flat
+one and an upright one, each inside its own patch, together exactly one window of the first (1x2)
+pooling (sides at random). ``glance`` questions ask about the coarse content; the ``gaze`` question
+asks for the colour of the flat bar. The finest level sees each bar in its own token; every pooled
+level averages the two into one token whose colour mixture is symmetric in the two colours, so it
+tells the pair, not which one is flat. The right granularity thus depends on the instruction. Samples are
 stored as ``__key__``/``png``/``json`` with the LLaVA-format record the real-data converter
 writes, so one datamodule reads both.
 """
@@ -33,7 +33,7 @@ from transformers.image_processing_utils import select_best_resolution
 from avglab.data.templates import get_template
 from avglab.data.tokenizer import SPECIAL_TOKENS
 
-GENERATOR_VERSION = 2  # bump when the drawing or the records change, so old shards are not reused
+GENERATOR_VERSION = 3  # bump when the drawing or the records change, so old shards are not reused
 SPLITS = ("train", "val", "test")
 SHAPES = ["circle", "square", "triangle"]
 COLORS = {  # far apart in RGB; no black, which is the AnyRes padding colour
@@ -59,7 +59,7 @@ QUESTIONS = (
     Question("background_color", "glance", "what color is the background?"),
     Question("shape", "glance", "what shape is the big object?"),
     Question("shape_color", "glance", "what color is the big shape?"),
-    Question("marker_color", "gaze", "what color is the left half of the small bar?"),
+    Question("marker_color", "gaze", "what color is the flat bar?"),
 )
 
 
@@ -73,9 +73,9 @@ class SynthConfig:
         image_sizes: (height, width) choices; the defaults give AnyRes 2-4 local tiles.
         tile_size: AnyRes tile side S of the model (the marker is placed inside one local tile).
         grid_pinpoints: the model's AnyRes resolutions [height, width].
-        patch_size: the model's patch side P, in tile pixels (the bar is aligned to its grid).
-        marker_size: side of each half of the bar, in tile pixels (the bar is 2 x 1 halves);
-            at most ``patch_size``, so no half spans two patches.
+        patch_size: the model's patch side P, in tile pixels (the bars are aligned to its grid).
+        marker_size: side of the square cell each bar is drawn in (a bar is that long and half as
+            wide), in tile pixels; at most ``patch_size``, so no bar spans two patches.
         shape_fraction: side of the big shape's box as a fraction of the image's short side.
         gaze_fraction: share of gaze questions in the val and test splits (spread evenly over
             the indices); the default 1/3 asks each of the three default question kinds equally.
@@ -85,7 +85,7 @@ class SynthConfig:
         colors: colour name -> RGB.
         background_palette, shape_palette, marker_palette: colour names each part draws from;
             the shape and bar colours are drawn independently, each distinct from the background,
-            and the bar's two halves differ.
+            and the two bars differ.
         shapes: big shape kinds (circle, square, triangle).
     """
 
@@ -184,10 +184,11 @@ class Scene:
     shape: str
     shape_color: str
     shape_box: tuple[int, int, int, int]
-    marker_color: str
-    marker_right_color: str
-    marker_box: tuple[int, int, int, int]
+    marker_color: str  # the flat bar's (the gaze answer)
+    upright_color: str
+    marker_box: tuple[int, int, int, int]  # the two bars' (1x2) pooling window
     marker_tile: int
+    flat_left: bool
 
 
 def anyres_layout(
@@ -267,19 +268,30 @@ def sample_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
     shape = rng.choice(cfg.shapes)
     shape_color = rng.choice([c for c in cfg.shape_palette if c != background])
     marker_color = rng.choice([c for c in cfg.marker_palette if c != background])
-    marker_right_color = rng.choice([c for c in cfg.marker_palette if c not in (background, marker_color)])
+    upright_color = rng.choice([c for c in cfg.marker_palette if c not in (background, marker_color)])
     side = max(1, round(cfg.shape_fraction * min(height, width)))
     for _ in range(50):
         x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
         shape_box = (x0, y0, x0 + side, y0 + side)
         placed = _place_marker(rng, (height, width), shape_box, cfg)
         if placed is not None:
-            colors = (background, shape, shape_color, shape_box, marker_color, marker_right_color)
-            return Scene(height, width, *colors, *placed)
+            colors = (background, shape, shape_color, shape_box, marker_color, upright_color)
+            return Scene(height, width, *colors, *placed, flat_left=rng.random() < 0.5)
     raise RuntimeError(
         f"no room for a {cfg.marker_size}px marker beside a {side}px shape in a {height}x{width} image; "
         "lower synth.shape_fraction or synth.marker_size"
     )
+
+
+def bar_boxes(scene: Scene) -> list[tuple[tuple[int, int, int, int], str]]:
+    """The flat and the upright bar as (box, colour), each centred in its half of ``marker_box``."""
+    mx0, my0, mx1, my1 = scene.marker_box
+    cell = (mx1 - mx0) // 2
+    quarter = cell // 4
+    flat_x, up_x = (mx0, mx0 + cell) if scene.flat_left else (mx0 + cell, mx0)
+    flat = (flat_x, my0 + quarter, flat_x + cell, my1 - quarter)
+    upright = (up_x + quarter, my0, up_x + cell - quarter, my1)
+    return [(flat, scene.marker_color), (upright, scene.upright_color)]
 
 
 def draw_scene(scene: Scene, cfg: SynthConfig) -> Image.Image:
@@ -294,10 +306,8 @@ def draw_scene(scene: Scene, cfg: SynthConfig) -> Image.Image:
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
     else:
         draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
-    mx0, my0, mx1, my1 = scene.marker_box
-    mid = (mx0 + mx1) // 2
-    draw.rectangle((mx0, my0, mid - 1, my1 - 1), fill=tuple(cfg.colors[scene.marker_color]))
-    draw.rectangle((mid, my0, mx1 - 1, my1 - 1), fill=tuple(cfg.colors[scene.marker_right_color]))
+    for (x0, y0, x1, y1), color in bar_boxes(scene):
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=tuple(cfg.colors[color]))
     return image
 
 
