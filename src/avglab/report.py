@@ -19,7 +19,7 @@ from pathlib import Path
 
 from avglab.eval.report import histogram_figure
 from avglab.eval.sweep_figures import pareto_figure, sweep_figure
-from avglab.eval.tables import MixedRunsError, collect, sweep, sweep_table, table3, table4
+from avglab.eval.tables import MixedRunsError, collect, repeats_note, sweep_runs, sweep_table, table3, table4
 
 SWEEP_FIGURES = {  # sweep -> (file, title, log x)
     "k": ("fig6_k.png", "Fig. 6: instruction tokens kept (k)", False),
@@ -52,11 +52,15 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
         )
     sweeps = {}
     for name, (file, title, log_x) in SWEEP_FIGURES.items():
-        points = sweep(runs, name)
+        groups = sweep_runs(runs, name)
+        points = [(value, group[0]) for value, group in groups.items()]
         if len(points) < 2:
             continue
         sweeps[name] = points
-        sections.append(f"### sweep: {name}\n\n" + sweep_table(points, name))
+        note = repeats_note(groups, name)
+        sections.append(
+            f"### sweep: {name}\n\n" + sweep_table(points, name) + (f"\n\n{note}" if note else "")
+        )
         if name == "token_cost":
             refs = [r for r in runs if r.ablation in ("fixed", "random")]
             figures[file] = pareto_figure(points, refs)

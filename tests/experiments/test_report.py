@@ -103,3 +103,17 @@ def test_runs_without_a_base_checkpoint_record_are_refused(multirun):
     write_job(multirun / "9", "random", "eval", "random", 0.5, 130, base=None)
     with pytest.raises(MixedRunsError, match="records no base checkpoint"):
         collect([multirun])
+
+
+def test_a_sweep_member_that_repeats_the_full_row_is_listed_not_doubled(multirun, tmp_path):
+    # a token-cost member with the full row's settings (cost 0): a second run of the same point
+    write_job(multirun / "c" / "2", None, "rglf_cached", "avg", 0.78, 101, cost=0.0)
+    runs, _ = collect([multirun])
+    points = sweep(runs, "token_cost")
+    assert [v for v, _ in points] == [0.0, 0.001, 0.01]
+    assert points[0][1].ablation == "full"  # the Table 4 row is the one shown
+    assert [v for v, _ in sweep(runs, "k")] == [1, 4, 32]
+    out = tmp_path / "report"
+    assert main([str(multirun), "--out", str(out)]) == 0
+    text = (out / "tables.md").read_text()
+    assert "- token_cost=0.0: 2 runs with the same settings" in text and "78.0" in text

@@ -238,19 +238,41 @@ def base_params(runs: list[Run]) -> dict:
     return {k: full.params[k] for k in DEFAULTS} if full else dict(DEFAULTS)
 
 
-def sweep(runs: list[Run], name: str) -> list[tuple[float, Run]]:
-    """RGLF-trained runs that differ from the base setting in ``name`` only, sorted by its value."""
+def sweep_runs(runs: list[Run], name: str) -> dict[float, list[Run]]:
+    """RGLF-trained runs that differ from the base setting in ``name`` only, grouped by its value.
+
+    A value can have several runs: the Table 4 full row joins every sweep, and a sweep member can
+    repeat the base setting (e.g. the recipe's token cost inside the token-cost sweep). The full row
+    comes first in its group.
+    """
     if name not in SWEEPS:
         raise ValueError(f"unknown sweep {name!r}; choose from {SWEEPS}")
     base = base_params(runs)
     full_set = max((r.params["granularities"] or [] for r in runs), key=len, default=[])
-    points = []
-    for r in runs:
+    groups: dict[float, list[Run]] = {}
+    for r in sorted(runs, key=lambda r: r.ablation != "full"):
         if not r.stage.startswith("rglf") or r.params["granularities"] != full_set:
             continue
         if all(r.params[k] == base[k] for k in DEFAULTS if k != name):
-            points.append((r.params[name], r))
-    return sorted(points, key=lambda p: p[0])
+            groups.setdefault(r.params[name], []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def sweep(runs: list[Run], name: str) -> list[tuple[float, Run]]:
+    """One run per swept value (the first of ``sweep_runs``' group), sorted by the value."""
+    return [(value, group[0]) for value, group in sweep_runs(runs, name).items()]
+
+
+def repeats_note(groups: dict[float, list[Run]], name: str) -> str:
+    """A line per value that has more than one run: which one the table shows and every accuracy."""
+    lines = []
+    for value, group in groups.items():
+        if len(group) > 1:
+            accs = ", ".join(f"{pct(r.metrics['accuracy'])} ({r.path})" for r in group)
+            lines.append(
+                f"- {name}={value}: {len(group)} runs with the same settings, shown the first: {accs}"
+            )
+    return "\n".join(lines)
 
 
 def sweep_table(points: list[tuple[float, Run]], name: str) -> str:
