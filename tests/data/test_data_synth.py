@@ -140,7 +140,7 @@ def test_image_content_matches_record():
         flat_x, up_x = (x0, x0 + m) if scene["flat_left"] else (x0 + m, x0)
         assert (pixels[y0 + q : y1 - q, flat_x : flat_x + m] == cfg.colors[scene["marker_color"]]).all()
         assert (pixels[y0:y1, up_x + q : up_x + m - q] == cfg.colors[scene["upright_color"]]).all()
-        assert (pixels[y0:y0 + q, flat_x : flat_x + m] == cfg.colors[scene["background"]]).all()
+        assert (pixels[y0 : y0 + q, flat_x : flat_x + m] == cfg.colors[scene["background"]]).all()
         assert (pixels[y0:y1, up_x : up_x + q] == cfg.colors[scene["background"]]).all()
         assert scene["marker_color"] != scene["upright_color"]
         sx0, sy0, sx1, sy1 = scene["shape_box"]
