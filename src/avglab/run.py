@@ -173,10 +173,11 @@ def run(cfg: DictConfig) -> dict:
         meta = {"stage": stage.name, "metrics": metrics, "fingerprint": prints}
         out = save_core(core, run_dir / "model", meta, state)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.export` rebuilds
-        pointer(cfg, stage.name).parent.mkdir(parents=True, exist_ok=True)
-        pointer(cfg, stage.name).write_text(
-            json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())})
-        )
+        if cfg.get("publish_stage_output", True):  # the next stage's default start (stage.previous)
+            target = pointer(cfg, stage.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())}))
+            log.info("%s is now the workspace's %s output (%s)", out, stage.name, target)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if cfg.get("eval_after"):  # train and evaluate in one job (ablation/experiment configs)
             metrics["eval"] = run(eval_after_config(cfg, out))

@@ -79,6 +79,7 @@ def test_ablation_jobs_train_then_evaluate_and_the_report_reads_them(stage3):
         cfg(stage3, "k2", "experiment=ablations", "ablation=full", "router.k=2", "stage.alpha=0.5", *small)
     )
     assert again["feedback_cache/train_built"] == 0.0  # another k and alpha reuse the same feedback
+    assert not (stage3 / "stages" / "rglf.json").exists()  # sweep members do not become the stage-4 output
     fixed = run(cfg(stage3, "fixed", "experiment=ablations", "ablation=fixed"))
     base = json.loads((stage3 / "stages" / "multigran.json").read_text())["path"]
     assert fixed["fingerprint"]["base_checkpoint"]["path"] == base
