@@ -13,10 +13,10 @@ from avglab.data import synth
 from avglab.data.synth import (
     SynthConfig,
     ensure_synth_shards,
-    local_tile_boxes,
     make_sample,
     synth_vocabulary,
 )
+from avglab.data.synth_scene import local_tile_boxes
 
 PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]
 
