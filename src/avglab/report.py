@@ -19,7 +19,16 @@ from pathlib import Path
 
 from avglab.eval.report import histogram_figure
 from avglab.eval.sweep_figures import pareto_figure, sweep_figure
-from avglab.eval.tables import MixedRunsError, collect, repeats_note, sweep_runs, sweep_table, table3, table4
+from avglab.eval.tables import (
+    MixedRunsError,
+    collect,
+    first_runs,
+    repeats_note,
+    sweep_runs,
+    sweep_table,
+    table3,
+    table4,
+)
 
 SWEEP_FIGURES = {  # sweep -> (file, title, log x)
     "k": ("fig6_k.png", "Fig. 6: instruction tokens kept (k)", False),
@@ -53,7 +62,7 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
     sweeps = {}
     for name, (file, title, log_x) in SWEEP_FIGURES.items():
         groups = sweep_runs(runs, name)
-        points = [(value, group[0]) for value, group in groups.items()]
+        points = first_runs(groups)
         if len(points) < 2:
             continue
         sweeps[name] = points

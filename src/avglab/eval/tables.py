@@ -258,9 +258,14 @@ def sweep_runs(runs: list[Run], name: str) -> dict[float, list[Run]]:
     return dict(sorted(groups.items()))
 
 
+def first_runs(groups: dict[float, list[Run]]) -> list[tuple[float, Run]]:
+    """One (value, run) per swept value: the first of each ``sweep_runs`` group, sorted by the value."""
+    return [(value, group[0]) for value, group in groups.items()]
+
+
 def sweep(runs: list[Run], name: str) -> list[tuple[float, Run]]:
-    """One run per swept value (the first of ``sweep_runs``' group), sorted by the value."""
-    return [(value, group[0]) for value, group in sweep_runs(runs, name).items()]
+    """One run per swept value of ``name`` (see ``sweep_runs``), sorted by the value."""
+    return first_runs(sweep_runs(runs, name))
 
 
 def repeats_note(groups: dict[float, list[Run]], name: str) -> str:
