@@ -94,8 +94,13 @@ def data_digest(urls: Mapping[str, Iterable[str]]) -> dict[str, str]:
 
 def state_sha256(module: torch.nn.Module) -> str:
     """SHA-256 of a module's state: every tensor's name, dtype, shape and bytes, in key order."""
+    return tensors_sha256(module.state_dict())
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (a state dict): every name, dtype, shape and bytes, in key order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

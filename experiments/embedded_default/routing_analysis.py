@@ -1,0 +1,114 @@
+"""Routing per synth question, and the level the cached RGLF feedback prefers as the token cost grows.
+
+    python experiments/embedded_default/routing_analysis.py [--workspace DIR] [--eval-dir DIR] [--cache DIR]
+
+1. Per question kind (background colour, shape colour, bar colour): how many test samples the router sent to
+   each granularity, from the evaluation's ``predictions.jsonl`` joined with the test shards' records
+   (default: the workspace's latest timestamped ``runs/eval/<time>/``).
+2. Per question kind: the mean cached feedback r (Eq. 4, mean answer log-probability) at each level on the
+   stage-4 training cache, and the level that maximises mean(r) - cost * mean(tokens) as the cost grows
+   (default: the train cache scored by the evaluated model's stage-3 weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from safetensors.torch import load_file
+
+from avglab.provenance import tensors_sha256
+
+
+def question_kinds(workspace: Path, split: str) -> dict[str, str]:
+    """Sample id -> synth question kind, read from the generated shards of ``split``."""
+    urls = sorted(glob.glob(str(workspace / "data" / "synth-*" / f"{split}-*.tar")))
+    return {
+        s["json"]["id"]: s["json"]["synth"]["question"]
+        for u in urls
+        for s in wds.WebDataset(u, shardshuffle=False).decode()
+    }
+
+
+def routing_by_question(eval_dir: Path, kinds: dict[str, str]) -> dict[str, Counter]:
+    """Question kind -> Counter of chosen granularity (tokens per tile)."""
+    routed: dict[str, Counter] = defaultdict(Counter)
+    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        routed[kinds[record["id"]]][record["granularity"]] += 1
+    return routed
+
+
+def best_level_by_cost(feedback: torch.Tensor, tokens: torch.Tensor, max_cost: float = 3e-3) -> list:
+    """(cost, level) where argmax_l mean(r_l) - cost * mean(tokens_l) changes, from cost 0 to ``max_cost``."""
+    mean_r, mean_t = feedback.mean(0), tokens.float().mean(0)
+    changes, last = [], None
+    for cost in np.linspace(0.0, max_cost, 301):
+        level = int((mean_r - cost * mean_t).argmax())
+        if level != last:
+            changes.append((round(float(cost), 6), level))
+            last = level
+    return changes
+
+
+def train_cache_of(workspace: Path, metrics: dict) -> Path:
+    """The stage-4 train cache scored by the evaluated model's base (stage-3) weights at its granularities.
+
+    Caches record ``llava_sha256`` (``avglab.provenance.state_sha256`` of the LLaVA-NeXT part); the
+    evaluation records its base checkpoint's folder, whose ``core.safetensors`` gives the same hash.
+    """
+    base = Path(metrics["fingerprint"]["base_checkpoint"]["path"])
+    state = load_file(str(base / "core.safetensors"))
+    wanted = tensors_sha256({k.removeprefix("llava."): v for k, v in state.items() if k.startswith("llava.")})
+    for spec_file in sorted((workspace / "cache" / "feedback").glob("*/spec.json")):
+        spec = json.loads(spec_file.read_text())
+        if (spec["split"], spec["llava_sha256"], spec["granularities"]) == (
+            "train",
+            wanted,
+            metrics["granularities"],
+        ):
+            return spec_file.parent
+    raise SystemExit(
+        f"no train feedback cache of {base} under {workspace}/cache/feedback; run stage=rglf_cached"
+    )
+
+
+def main() -> None:
+    """Prints both tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workspace", type=Path, default=Path("workspace"))
+    parser.add_argument("--eval-dir", type=Path, default=None)
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="a feedback cache folder (cache/feedback/<key>)"
+    )
+    args = parser.parse_args()
+    ws = args.workspace
+    eval_dir = args.eval_dir or Path(sorted(glob.glob(str(ws / "runs" / "eval" / "2*")))[-1])
+    levels = json.loads((eval_dir / "metrics.json").read_text())["granularities"]
+    print(f"routing per question ({eval_dir}), tokens per tile {levels}:")
+    for kind, counts in sorted(routing_by_question(eval_dir, question_kinds(ws, "test")).items()):
+        print(f"  {kind} ({sum(counts.values())}):", [counts.get(g, 0) for g in levels])
+    if args.cache is None:
+        args.cache = train_cache_of(ws, json.loads((eval_dir / "metrics.json").read_text()))
+    tensors = load_file(str(args.cache / "cache.safetensors"))
+    ids = json.loads((args.cache / "meta.json").read_text())["ids"]
+    kinds = question_kinds(ws, "train")
+    per_sample = np.array([kinds[i] for i in ids])
+    print(
+        f"mean feedback r per level, best level as the token cost grows ({args.cache}, {len(ids)} samples):"
+    )
+    for kind in sorted(set(per_sample)):
+        rows = torch.from_numpy(per_sample == kind)
+        r, t = tensors["feedback"][rows], tensors["tokens"][rows]
+        mean_r = [round(float(x), 3) for x in r.mean(0)]
+        print(f"  {kind}: r {mean_r}  (cost, best level index): {best_level_by_cost(r, t)}")
+
+
+if __name__ == "__main__":
+    main()
