@@ -115,7 +115,11 @@ def test_unknown_key_fails_at_composition(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("router.k=0", "router.k"), ("router.granularities=[4,100]", "router.granularities")],
+    [
+        ("router.k=0", "router.k"),
+        ("router.granularities=[4,100]", "router.granularities"),
+        ("router.token_cost_scale=log", "router.token_cost_scale"),
+    ],
 )
 def test_bad_router_config_fails_before_the_model_is_built(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

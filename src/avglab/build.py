@@ -18,6 +18,7 @@ from avglab.model.builders import pretrained_llava, tiny_llava
 from avglab.model.core import AvgCore
 from avglab.model.focus_build import build_focus_core, check_focus, focus_enabled
 from avglab.model.hub import check_geometry, load_image_processor, load_llava_config, load_tokenizer
+from avglab.model.losses import TOKEN_COST_SCALES
 from avglab.model.router import FixedSelector, GranularityRouter, RandomSelector
 from avglab.model.scaler import GranularityScaler
 
@@ -54,6 +55,10 @@ def check_router(cfg: DictConfig, grid: int) -> None:
     if router.kind not in SELECTORS:
         raise ValueError(f"router.kind={router.kind!r}: choose one of {SELECTORS}")
     GranularityScaler(grid, list(router.granularities))  # raises on granularities off the grid
+    if router.get("token_cost_scale", "linear") not in TOKEN_COST_SCALES:
+        raise ValueError(
+            f"router.token_cost_scale={router.token_cost_scale!r}: choose one of {TOKEN_COST_SCALES}"
+        )
     if router.kind == "avg" and router.k < 1:
         raise ValueError(
             f"router.k={router.k}: must be >= 1 (router=image_only routes without instruction tokens)"

@@ -67,8 +67,13 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
             continue
         sweeps[name] = points
         note = repeats_note(groups, name)
+        scale = (
+            f" (router.token_cost_scale={points[0][1].params['token_cost_scale']})"
+            if name == "token_cost"
+            else ""
+        )
         sections.append(
-            f"### sweep: {name}\n\n" + sweep_table(points, name) + (f"\n\n{note}" if note else "")
+            f"### sweep: {name}{scale}\n\n" + sweep_table(points, name) + (f"\n\n{note}" if note else "")
         )
         if name == "token_cost":
             refs = [r for r in runs if r.ablation in ("fixed", "random")]

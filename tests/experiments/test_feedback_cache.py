@@ -20,6 +20,7 @@ STAGE = {
     "tie_eps": 0.0,
     "rank_weight": 1.0,
     "token_cost": 0.002,
+    "token_cost_scale": "linear",
     "lr": 1e-3,
     "lr_vision": None,
     "weight_decay": 0.0,

@@ -12,13 +12,24 @@ BASE = {"path": "/ws/runs/multigran/x/model", "sha256": "a" * 64}
 
 
 def write_job(
-    folder, ablation, stage, router, accuracy, tokens, k=32, alpha=0.1, cost=0.0, base=BASE, test="t1"
+    folder,
+    ablation,
+    stage,
+    router,
+    accuracy,
+    tokens,
+    k=32,
+    alpha=0.1,
+    cost=0.0,
+    scale="linear",
+    base=BASE,
+    test="t1",
 ):
     """A fake Hydra job: .hydra files, and an evaluation metrics.json (in eval/ after a fit)."""
     (folder / ".hydra").mkdir(parents=True)
     cfg = {
         "stage": {"name": stage, "alpha": alpha, "rank_weight": 1.0},
-        "router": {"kind": router, "k": k, "token_cost": cost},
+        "router": {"kind": router, "k": k, "token_cost": cost, "token_cost_scale": scale},
     }
     OmegaConf.save(OmegaConf.create(cfg), folder / ".hydra" / "config.yaml")
     OmegaConf.save(
@@ -73,6 +84,12 @@ def test_tables_and_sweeps_are_collected(multirun):
     assert [v for v, _ in sweep(runs, "token_cost")] == [0.0, 0.001, 0.01]
 
 
+def test_a_cost_on_another_scale_is_not_a_point_of_the_token_cost_sweep(multirun):
+    write_job(multirun / "c" / "log", None, "rglf_cached", "avg", 0.75, 60, cost=0.03, scale="log2")
+    runs, _ = collect([multirun])
+    assert [v for v, _ in sweep(runs, "token_cost")] == [0.0, 0.001, 0.01]
+
+
 def test_report_writes_tables_figures_and_tensorboard(multirun, tmp_path):
     out = tmp_path / "report"
     assert main([str(multirun), "--out", str(out)]) == 0
@@ -80,6 +97,7 @@ def test_report_writes_tables_figures_and_tensorboard(multirun, tmp_path):
     assert (
         "Table 4" in text and "Table 3" in text and "sweep: k" in text and "| glance | 40.0% | 2.50x" in text
     )
+    assert "### sweep: token_cost (router.token_cost_scale=linear)" in text
     for png in ("fig5_routing.png", "fig6_k.png", "fig7_alpha.png", "pareto_token_cost.png"):
         assert (out / png).stat().st_size > 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from avglab.model.losses import apply_token_cost, ranking_loss, rglf_loss
@@ -73,3 +74,14 @@ def test_token_cost_prefers_fewer_tokens_on_ties():
     priced = apply_token_cost(r, torch.tensor([[10, 40]]), 0.01)
     assert priced[0, 0] > priced[0, 1]
     assert apply_token_cost(r, torch.tensor([[10, 40]]), 0.0) is r
+
+
+def test_log2_token_cost_prices_each_doubling_the_same():
+    r = torch.tensor([[-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]])
+    tokens = torch.tensor([[10, 20, 40], [0, 0, 0]])  # the second row: a text-only sample
+    priced = apply_token_cost(r, tokens, 0.05, scale="log2")
+    base = -1.0 - 0.05 * math.log2(10)
+    assert torch.allclose(priced[0], torch.tensor([base, base - 0.05, base - 0.1]))
+    assert torch.equal(priced[1], r[1])  # no visual tokens, no price, and no -inf from log2(0)
+    with pytest.raises(ValueError, match="token_cost_scale"):
+        apply_token_cost(r, tokens, 0.05, scale="log")

@@ -26,7 +26,13 @@ ROWS = {  # Table 4 in the paper's order: ablation config -> row label
     "no_ce": "(g) w/o CE loss",
 }
 SWEEPS = ("k", "alpha", "token_cost")
-DEFAULTS = {"k": 32, "alpha": 0.1, "token_cost": 0.0, "rank_weight": 1.0}  # the paper's setting
+DEFAULTS = {  # the paper's setting
+    "k": 32,
+    "alpha": 0.1,
+    "token_cost": 0.0,
+    "token_cost_scale": "linear",
+    "rank_weight": 1.0,
+}
 
 
 class MixedRunsError(ValueError):
@@ -43,7 +49,7 @@ class Run:
         ablation: the ``ablation`` config chosen (None outside Table 4 rows).
         stage: the stage that produced the evaluated model (eval = nothing trained).
         router: router kind.
-        params: k, alpha, token_cost, rank_weight, granularities of the job.
+        params: k, alpha, token_cost, token_cost_scale, rank_weight, granularities of the job.
         predictions: per-sample records (predictions.jsonl), possibly empty.
     """
 
@@ -104,6 +110,7 @@ def load_run(metrics_path: Path) -> Run:
         "k": 0 if kind == "image_only" else pick("router.k", DEFAULTS["k"]),
         "alpha": pick("stage.alpha", DEFAULTS["alpha"]),
         "token_cost": pick("router.token_cost", DEFAULTS["token_cost"]),
+        "token_cost_scale": pick("router.token_cost_scale", DEFAULTS["token_cost_scale"]),
         "rank_weight": pick("stage.rank_weight", DEFAULTS["rank_weight"]),
         "granularities": metrics.get("granularities"),
     }

@@ -34,17 +34,31 @@ class RglfLoss:
     best: torch.Tensor
 
 
-def apply_token_cost(feedback: torch.Tensor, visual_tokens: torch.Tensor, token_cost: float) -> torch.Tensor:
-    """r_i - cost * tokens_i: an optional price per visual token (0 = the paper).
+TOKEN_COST_SCALES = ("linear", "log2")
+
+
+def apply_token_cost(
+    feedback: torch.Tensor, visual_tokens: torch.Tensor, token_cost: float, scale: str = "linear"
+) -> torch.Tensor:
+    """r_i - cost * tokens_i (or cost * log2 tokens_i): an optional price on visual tokens (0 = the paper).
+
+    ``linear`` prices each token, i.e. the LLM's compute. ``log2`` prices each doubling of the tokens, the
+    same at every level and image size: a level must raise the answer probability by a factor exp(cost)
+    per doubling to be worth it.
 
     Args:
-        feedback: (B, N) answer scores.
-        visual_tokens: (B, N) visual tokens each level feeds the LLM.
-        token_cost: log-probability per visual token.
+        feedback: (B, N) answer scores (log-probabilities).
+        visual_tokens: (B, N) visual tokens each level feeds the LLM (0 for text-only samples).
+        token_cost: log-probability per visual token (``linear``) or per doubling (``log2``).
+        scale: ``linear`` or ``log2``.
     """
+    if scale not in TOKEN_COST_SCALES:
+        raise ValueError(f"router.token_cost_scale must be one of {TOKEN_COST_SCALES}, got {scale!r}")
     if token_cost == 0:
         return feedback
-    return feedback - token_cost * visual_tokens.to(feedback)
+    tokens = visual_tokens.to(feedback)
+    price = tokens if scale == "linear" else torch.log2(tokens.clamp(min=1))
+    return feedback - token_cost * price
 
 
 def ranking_loss(scores: torch.Tensor, feedback: torch.Tensor, tie_eps: float = 0.0) -> torch.Tensor:

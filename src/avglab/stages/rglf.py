@@ -15,9 +15,9 @@ class RglfStage(StageModule):
 
     Args:
         core: the shared core; its selector must be a trainable router.
-        stage: stage config: alpha, tie_eps, token_cost (an optional price per visual token
-            subtracted from the feedback; 0 = the paper), rank_weight (1 = the paper, 0 = Table 4
-            ablation (f)) and the optimizer settings.
+        stage: stage config: alpha, tie_eps, token_cost and token_cost_scale (an optional price on
+            visual tokens subtracted from the feedback; 0 = the paper), rank_weight (1 = the paper,
+            0 = Table 4 ablation (f)) and the optimizer settings.
 
     Subclasses change where router inputs and feedback come from by overriding :meth:`routed`
     (``stage=rglf_cached`` reads them from a feedback cache); the loss and its logging are shared.
@@ -30,7 +30,12 @@ class RglfStage(StageModule):
             )
         super().__init__(core, stage)
         self.token_cost = stage.token_cost
+        self.token_cost_scale = stage.token_cost_scale
         self.skipped = {"no_answer": 0, "tied": 0}
+
+    def priced(self, feedback: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Feedback (B, N) after the configured price on the (B, N) visual tokens."""
+        return apply_token_cost(feedback, tokens, self.token_cost, self.token_cost_scale)
 
     @torch.no_grad()
     def feedback(self, batch: dict):
@@ -45,7 +50,7 @@ class RglfStage(StageModule):
         tokens = self.core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu()).to(
             scores.device
         )
-        return encoded, apply_token_cost(scores, tokens, self.token_cost), tokens
+        return encoded, self.priced(scores, tokens), tokens
 
     def routed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (B, N) with grad, feedback r (B, N) after the token cost, tokens (B, N)."""

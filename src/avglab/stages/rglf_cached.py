@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 
 from avglab.feedback_cache import FeedbackCache, cache_spec, compute_cache, load_or_build, skipped_counts
 from avglab.model.core import AvgCore
-from avglab.model.losses import apply_token_cost
 from avglab.model.router import RouterInput
 from avglab.stages.rglf import RglfStage
 
@@ -156,4 +155,4 @@ class CachedRglfStage(RglfStage):
         )
         logits = self.core.selector(inputs)
         tokens = batch["tokens"].to(self.device)
-        return logits, apply_token_cost(batch["feedback"], tokens, self.token_cost), tokens
+        return logits, self.priced(batch["feedback"], tokens), tokens
