@@ -12,7 +12,7 @@ python -m avglab -m experiment=ablations stage=rglf_cached router.k=1,2,4,8 "$@"
 python -m avglab -m experiment=ablations stage=rglf_cached stage.alpha=0.01,0.03,0.3,1 "$@" \
     hydra.sweep.dir="$OUT/alpha"
 echo "table 4 + k + alpha: $(( $(date +%s) - start )) s" | tee "$OUT/timing.txt"
-python -m avglab -m experiment=ablations stage=rglf_cached router.token_cost=0,0.0001,0.00025,0.0005,0.001 "$@" \
+python -m avglab -m experiment=ablations stage=rglf_cached router.token_cost=0,0.01,0.02,0.035,0.05,0.07 "$@" \
     hydra.sweep.dir="$OUT/token_cost"
 echo "with the token-cost sweep: $(( $(date +%s) - start )) s" | tee -a "$OUT/timing.txt"
 python -m avglab.report "$OUT/table4" "$OUT/k" "$OUT/alpha" "$OUT/token_cost" --out experiments/ablations

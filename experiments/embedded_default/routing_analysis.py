@@ -6,8 +6,9 @@
    each granularity, from the evaluation's ``predictions.jsonl`` joined with the test shards' records
    (default: the workspace's latest timestamped ``runs/eval/<time>/``).
 2. Per question kind: the mean cached feedback r (Eq. 4, mean answer log-probability) at each level on the
-   stage-4 training cache, and the level that maximises mean(r) - cost * mean(tokens) as the cost grows
-   (default: the train cache scored by the evaluated model's stage-3 weights).
+   stage-4 training cache, and the level that maximises the mean priced feedback as the cost grows, for
+   both ``router.token_cost_scale`` values (default: the train cache scored by the evaluated model's
+   stage-3 weights).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file
 
+from avglab.model.losses import apply_token_cost
 from avglab.provenance import tensors_sha256
 
 
@@ -45,12 +47,14 @@ def routing_by_question(eval_dir: Path, kinds: dict[str, str]) -> dict[str, Coun
     return routed
 
 
-def best_level_by_cost(feedback: torch.Tensor, tokens: torch.Tensor, max_cost: float = 3e-3) -> list:
-    """(cost, level) where argmax_l mean(r_l) - cost * mean(tokens_l) changes, from cost 0 to ``max_cost``."""
-    mean_r, mean_t = feedback.mean(0), tokens.float().mean(0)
+def best_level_by_cost(feedback: torch.Tensor, tokens: torch.Tensor, scale: str, max_cost: float) -> list:
+    """(cost, level) where argmax_l mean(r_l - price_l) changes, from cost 0 to ``max_cost``.
+
+    ``price_l`` is ``router.token_cost_scale``'s: cost * tokens (linear) or cost * log2(tokens) (log2).
+    """
     changes, last = [], None
     for cost in np.linspace(0.0, max_cost, 301):
-        level = int((mean_r - cost * mean_t).argmax())
+        level = int(apply_token_cost(feedback, tokens, float(cost), scale).mean(0).argmax())
         if level != last:
             changes.append((round(float(cost), 6), level))
             last = level
@@ -107,7 +111,10 @@ def main() -> None:
         rows = torch.from_numpy(per_sample == kind)
         r, t = tensors["feedback"][rows], tensors["tokens"][rows]
         mean_r = [round(float(x), 3) for x in r.mean(0)]
-        print(f"  {kind}: r {mean_r}  (cost, best level index): {best_level_by_cost(r, t)}")
+        print(f"  {kind}: r {mean_r}")
+        for scale, max_cost in (("linear", 3e-3), ("log2", 0.15)):
+            changes = best_level_by_cost(r, t, scale, max_cost)
+            print(f"    {scale} cost -> (cost, best level index): {changes}")
 
 
 if __name__ == "__main__":
