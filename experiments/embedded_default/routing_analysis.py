@@ -94,12 +94,13 @@ def main() -> None:
     args = parser.parse_args()
     ws = args.workspace
     eval_dir = args.eval_dir or Path(sorted(glob.glob(str(ws / "runs" / "eval" / "2*")))[-1])
-    levels = json.loads((eval_dir / "metrics.json").read_text())["granularities"]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    levels = metrics["granularities"]
     print(f"routing per question ({eval_dir}), tokens per tile {levels}:")
     for kind, counts in sorted(routing_by_question(eval_dir, question_kinds(ws, "test")).items()):
         print(f"  {kind} ({sum(counts.values())}):", [counts.get(g, 0) for g in levels])
     if args.cache is None:
-        args.cache = train_cache_of(ws, json.loads((eval_dir / "metrics.json").read_text()))
+        args.cache = train_cache_of(ws, metrics)
     tensors = load_file(str(args.cache / "cache.safetensors"))
     ids = json.loads((args.cache / "meta.json").read_text())["ids"]
     kinds = question_kinds(ws, "train")
