@@ -202,7 +202,8 @@ def test_stage3_runs_vision_once_and_one_batched_llm_pass(tmp_path):
 
     stage3 = measure_stage("multigran", tmp_path, batch=2, steps=1)
     stage2 = measure_stage("instruct", tmp_path, batch=2, steps=1)
-    assert (stage3["vision_passes"], stage3["llm_passes"], stage3["llm_sequences"]) == (1, 1, 10)
+    assert (stage3["vision_passes"], stage3["llm_passes"]) == (1, 1)
+    assert 2 <= stage3["llm_rows"] < 10  # 2 samples x 5 levels packed into shared rows
     assert stage2["activations_mb"] < stage3["activations_mb"] < 5 * stage2["activations_mb"]
     assert stage3["adamw_mb"] == pytest.approx(2 * stage3["trainable_mb"], rel=0.01)
 
@@ -215,6 +216,7 @@ def test_7b_parameter_counts_and_stage3_token_budget():
     assert 0.015 < share < 0.018  # the paper's ~1.66% with a feed-forward of the hidden size
     costs = {k: LayerCost(1.0, 0.0) for k in ("llm_trained", "llm_frozen", "vision_trained", "router")}
     stage3 = activation_gb("multigran", costs, text_tokens=100, checkpointing=False)
-    assert stage3["llm_tokens_padded"] == 5 * (2928 + 100)
+    # packed rows as long as the finest: [3028], [1588, 844, 484], [292]
+    assert stage3["llm_tokens_padded"] == 3 * (2928 + 100)
     assert stage3["llm_tokens_unpadded"] == 2928 + 1488 + 744 + 384 + 192 + 5 * 100
     assert OmegaConf.create({"ok": True}).ok

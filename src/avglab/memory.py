@@ -6,7 +6,8 @@ Measured (tiny, one training step of the real stage module on a generated batch,
 a fresh process): parameter, gradient and AdamW bytes, the activations autograd keeps for
 backward (unique storages), the process's peak RSS growth during the step, and how many times
 the vision tower and the LLM ran (stage 3 must run each once: N granularities in one batched
-LLM pass, pitfall 6). Estimated (7B): see :mod:`avglab.memory_estimate`.
+LLM pass, pitfall 6) and on how many rows (stage 3 packs its N variants into shared rows).
+Estimated (7B): see :mod:`avglab.memory_estimate`.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ def measure_stage(stage: str, workspace: Path, batch: int = 8, steps: int = 2) -
     core = module.core
     trainable = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    calls = {"vision": 0, "llm": 0, "llm_sequences": 0}
+    calls = {"vision": 0, "llm": 0, "llm_rows": 0}
 
     def count(name):
         def hook(mod, args, kwargs):
             calls[name] += 1
             if name == "llm":
-                calls["llm_sequences"] = len(kwargs["inputs_embeds"])
+                calls["llm_rows"] = len(kwargs["inputs_embeds"])  # stage 3 packs its N variants (seqpack)
 
         return hook
 
@@ -108,7 +109,7 @@ def measure_stage(stage: str, workspace: Path, batch: int = 8, steps: int = 2) -
         "rss_growth_mb": max(peak, 0) / MB,
         "vision_passes": calls["vision"],
         "llm_passes": calls["llm"],
-        "llm_sequences": calls["llm_sequences"],
+        "llm_rows": calls["llm_rows"],
     }
 
 
@@ -161,11 +162,11 @@ def format_report(measured: dict, estimate: dict, world: int, batch: int, text_t
         "peak_tensors_mb",
         "rss_growth_mb",
     )
-    lines.append("| stage | " + " | ".join(k[:-3] for k in keys) + " | vision/LLM passes | LLM sequences |")
+    lines.append("| stage | " + " | ".join(k[:-3] for k in keys) + " | vision/LLM passes | LLM rows |")
     lines.append("|---" * (len(keys) + 3) + "|")
     for stage, m in measured.items():
         row = " | ".join(f"{m[k]:.2f}" for k in keys)
-        lines.append(f"| {stage} | {row} | {m['vision_passes']}/{m['llm_passes']} | {m['llm_sequences']} |")
+        lines.append(f"| {stage} | {row} | {m['vision_passes']}/{m['llm_passes']} | {m['llm_rows']} |")
     p = estimate["params"]
     lines += [
         "",

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from avglab.model.router import GranularityRouter
+from avglab.model.seqpack import first_fit_rows
 
 GB = 1024**3
 LEVELS = [36, 72, 144, 288, 576]
@@ -165,8 +166,9 @@ def activation_gb(stage: str, costs: dict[str, LayerCost], text_tokens: int, che
     """Saved activations of one 672x672 sample in a stage (GB), and the LLM tokens they cover."""
     layers, vision_layers, hidden = 32, 23, 4096
     finest = TOKENS_672[-1] + text_tokens
-    if stage == "multigran":  # N variants in ONE batched LLM pass, padded to the finest (core.all_levels)
-        lengths = [finest] * len(TOKENS_672)
+    if stage == "multigran":  # N variants in ONE LLM pass, packed into rows as long as the finest (seqpack)
+        rows = first_fit_rows([n + text_tokens for n in TOKENS_672], finest)
+        lengths = [finest] * len(rows)
     elif stage == "rglf":  # feedback runs without grad: no LLM activations are kept
         lengths = []
     else:

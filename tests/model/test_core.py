@@ -71,6 +71,39 @@ def test_reported_tokens_match_geometry_and_levels(routed_core, batch):
     assert (counts[:, :-1] < counts[:, 1:]).all()  # coarse levels feed fewer tokens
 
 
+def test_forced_level_does_not_run_the_selector(routed_core, batch):
+    calls = []
+    handle = routed_core.selector.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        forced = routed_core(batch, level=-1)
+        routed_core(batch)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and forced.router_logits is None
+    assert (forced.levels == len(LEVELS) - 1).all()
+
+
+def test_right_padding_runs_the_llm_without_a_mask_and_left_padding_with_one(routed_core, batch):
+    seen = []
+    llm = routed_core.llava.model.language_model
+    handle = llm.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True
+    )
+    encoded = routed_core.encode(batch["pixel_values"], batch["image_sizes"], batch["has_image"])
+    visual = routed_core.pack(encoded, batch["image_sizes"], torch.full((4,), len(LEVELS) - 1))
+    try:
+        with torch.no_grad():
+            for side in ("right", "left"):
+                spliced = routed_core.splice(
+                    batch["input_ids"], batch["attention_mask"], visual, padding_side=side
+                )
+                routed_core.hidden_states(spliced)
+    finally:
+        handle.remove()
+    assert seen[0] is None  # causal attention alone never reaches padding placed after the real tokens
+    assert seen[1] is not None and not seen[1].bool().all()
+
+
 def test_all_levels_loss_is_the_mean_of_per_level_losses(routed_core, batch):
     with torch.no_grad():
         scores, n_tokens, loss = routed_core.all_levels(batch)

@@ -19,6 +19,7 @@ from transformers import LlavaNextForConditionalGeneration
 from avglab.model.packing import count_visual_tokens, num_tiles, pack_image
 from avglab.model.router import RouterInput
 from avglab.model.scaler import GranularityScaler
+from avglab.model.seqpack import pack_rows
 
 
 @dataclass
@@ -45,12 +46,22 @@ class Spliced:
         attention_mask: (B, S).
         position_ids: (B, S) positions counted over real tokens only (left padding safe).
         labels: (B, S) or None; -100 on visual tokens and padding.
+        segments: None when each row is one sequence; for packed rows (``splice_packed``), (R, S)
+            index of the sequence at each position (-1 on padding).
+        right_padded: every row's padding comes after its real tokens.
     """
 
     embeds: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor | None
+    segments: torch.Tensor | None = None
+    right_padded: bool = False
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences held (rows, or packed sequences)."""
+        return len(self.embeds) if self.segments is None else int(self.segments.max()) + 1
 
 
 @dataclass
@@ -60,7 +71,7 @@ class CoreOutput:
     Attributes:
         levels: (B,) chosen granularity index per sample (-1 without image).
         visual_tokens: (B,) visual tokens fed to the LLM per sample, newlines included.
-        router_logits: (B, N) or None.
+        router_logits: (B, N), or None without a selector or with a forced level.
         answer_logprob: (B,) mean log-probability of the answer tokens (NaN where none).
         answer_tokens: (B,) number of supervised tokens per sample.
         loss: token-mean answer cross-entropy over the batch (0 if no answer token).
@@ -258,6 +269,48 @@ class AvgCore(nn.Module):
             labels: (E, L) or None.
             padding_side: "right" for training, "left" for batched generation.
         """
+        seqs, labs = self.spliced_sequences(input_ids, attention_mask, visual, labels)
+        side = padding_side
+        out_embeds = pad_sequence(seqs, batch_first=True, padding_side=side)
+        mask = pad_sequence(
+            [torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True, padding_side=side
+        )
+        mask = mask.to(out_embeds.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out_labels = (
+            pad_sequence(labs, batch_first=True, padding_value=-100, padding_side=side)
+            if labels is not None
+            else None
+        )
+        return Spliced(out_embeds, mask, positions, out_labels, right_padded=side == "right")
+
+    def splice_packed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual: list[torch.Tensor | None],
+        labels: torch.Tensor,
+    ) -> Spliced:
+        """``splice`` for scoring: the E sequences share rows as long as the longest (``seqpack``).
+
+        Each sequence keeps its own causal attention and positions, so its answer scores are the
+        padded ones; the rows hold about a third of the padded positions at N=5 levels.
+
+        Returns:
+            A ``Spliced`` of R <= E rows with ``segments`` set and ``attention_mask`` all ones.
+        """
+        seqs, labs = self.spliced_sequences(input_ids, attention_mask, visual, labels)
+        embeds, positions, out_labels, segments = pack_rows(seqs, labs)
+        return Spliced(embeds, torch.ones_like(positions), positions, out_labels, segments)
+
+    def spliced_sequences(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual: list[torch.Tensor | None],
+        labels: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per entry, the unpadded (n_e, C) input embeddings and (n_e,) labels with visual tokens in."""
         embeds = self.llava.get_input_embeddings()(input_ids)  # (E, L, C)
         seqs, labs = [], []
         for e, tokens in enumerate(visual):
@@ -281,44 +334,44 @@ class AvgCore(nn.Module):
                 lab = torch.cat([lab[:p], lab.new_full((len(tokens),), -100), lab[p + 1 :]])
             seqs.append(emb)
             labs.append(lab)
-        side = padding_side
-        out_embeds = pad_sequence(seqs, batch_first=True, padding_side=side)
-        mask = pad_sequence(
-            [torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True, padding_side=side
-        )
-        mask = mask.to(out_embeds.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out_labels = (
-            pad_sequence(labs, batch_first=True, padding_value=-100, padding_side=side)
-            if labels is not None
-            else None
-        )
-        return Spliced(out_embeds, mask, positions, out_labels)
+        return seqs, labs
 
     def hidden_states(self, spliced: Spliced) -> torch.Tensor:
         """(E, S, C) last hidden states of the LLM."""
+        mask, positions = spliced.attention_mask, spliced.position_ids
+        if spliced.segments is not None:  # packed: transformers reads the boundaries from position_ids
+            mask = None
+        elif spliced.right_padded:
+            # Padding after every real token: causal attention alone never lets a real token see it,
+            # so no mask (and positions 0..S-1, the real ones on real tokens) lets SDPA run its causal
+            # kernel, which skips the masked half (measured 2-4% off a tiny stage-1 step on CPU).
+            mask = positions = None
         out = self.llava.model.language_model(
-            inputs_embeds=spliced.embeds,
-            attention_mask=spliced.attention_mask,
-            position_ids=spliced.position_ids,
-            use_cache=False,
+            inputs_embeds=spliced.embeds, attention_mask=mask, position_ids=positions, use_cache=False
         )
         return out.last_hidden_state
 
-    def answer_scores(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_scores(
+        self, hidden: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token answer log-probs (Eq. 4's terms) computed only at supervised positions.
 
         The LM head runs only where a label follows, which saves the (E, S, V) logits tensor.
 
+        Args:
+            hidden: (R, S, C) last hidden states.
+            labels: (R, S).
+            segments: (R, S) sequence index per position for packed rows, None for one per row.
+
         Returns:
-            token_logprob: (n_answer_tokens,) log P(x_t | ...), and owner (n_answer_tokens,) entry index.
+            token_logprob: (n_answer_tokens,) log P(x_t | ...), and owner (n_answer_tokens,) sequence index.
         """
         targets = labels[:, 1:]
-        where = targets != -100  # (E, S-1)
+        where = targets != -100  # (R, S-1)
         picked = hidden[:, :-1][where]  # (n, C)
         logits = self.llava.lm_head(picked).float()
         token_logprob = -F.cross_entropy(logits, targets[where], reduction="none")
-        owner = where.nonzero()[:, 0]
+        owner = where.nonzero()[:, 0] if segments is None else segments[:, 1:][where]
         return token_logprob, owner
 
     def score(
@@ -335,9 +388,10 @@ class AvgCore(nn.Module):
             (an exact 0 that still carries the graph when the batch has no answer token).
         """
         hidden = self.hidden_states(spliced) if hidden is None else hidden
-        token_logprob, owner = self.answer_scores(hidden, spliced.labels)
-        count = torch.bincount(owner, minlength=len(spliced.labels))
-        total = token_logprob.new_zeros(len(spliced.labels)).index_add(0, owner, token_logprob)
+        token_logprob, owner = self.answer_scores(hidden, spliced.labels, spliced.segments)
+        entries = spliced.num_sequences
+        count = torch.bincount(owner, minlength=entries)
+        total = token_logprob.new_zeros(entries).index_add(0, owner, token_logprob)
         mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
         loss = -token_logprob.mean() if len(token_logprob) else hidden.sum() * 0.0
         return mean, count, loss
@@ -349,13 +403,15 @@ class AvgCore(nn.Module):
         Args:
             batch: the collate contract (input_ids, attention_mask, labels, instruction_mask,
                 pixel_values, image_sizes, has_image).
-            level: force this level index for every sample (None: ask the selector).
+            level: force this level index for every sample; the selector is then not run (None: ask it).
             return_logits: also return the full (B, S, V) logits.
         """
         encoded = self.encode(batch["pixel_values"], batch["image_sizes"], batch["has_image"])
-        levels, router_logits = self.select(encoded, batch)
-        if level is not None:
-            levels = torch.full_like(levels, level % self.scaler.num_levels)
+        if level is None:
+            levels, router_logits = self.select(encoded, batch)
+        else:  # a forced level never asks the selector (its forward would cost ~9% of a stage-1 step)
+            levels = torch.full((len(batch["input_ids"]),), level % self.scaler.num_levels, dtype=torch.long)
+            router_logits = None
         visual = self.pack(encoded, batch["image_sizes"], levels)
         spliced = self.splice(batch["input_ids"], batch["attention_mask"], visual, batch.get("labels"))
         has_image = batch["has_image"].cpu()
@@ -388,7 +444,7 @@ class AvgCore(nn.Module):
         batch_size = len(batch["input_ids"])
         levels = torch.arange(n).repeat(batch_size)  # sample-major: entry b*N + l
         visual = self.pack(encoded, batch["image_sizes"], levels)
-        spliced = self.splice(
+        spliced = self.splice_packed(  # coarse variants fill the rows' padding (seqpack)
             batch["input_ids"].repeat_interleave(n, 0),
             batch["attention_mask"].repeat_interleave(n, 0),
             visual,

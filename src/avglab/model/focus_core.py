@@ -210,8 +210,8 @@ class FocusCore(AvgCore):
             base.attention_mask,
             base.position_ids,
             base.labels,
-            visual_mask.to(device),
-            source.to(device),
+            visual_mask=visual_mask.to(device),
+            source_index=source.to(device),
         )
 
     @property
