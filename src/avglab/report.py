@@ -2,8 +2,8 @@
 
 Collects the evaluation metrics.json files of one or more multiruns (Table 4 rows, k / alpha /
 token-cost sweeps), refuses to mix base checkpoints or data sets, and writes:
-- ``tables.md``: Table 4 (ablations), Table 3 (tokens kept and speed per question type) and the
-  sweep tables;
+- ``tables.md``: Table 4 (ablations), Table 3 (tokens kept and speed per question type), the
+  sweep tables and the routing of every run (share of each question type at each granularity);
 - ``fig5_routing.png`` (routing proportions of the full row per question type), ``fig6_k.png``,
   ``fig7_alpha.png``, ``pareto_token_cost.png``;
 - ``runs.json`` (what was collected) and TensorBoard events in ``tensorboard/`` (figures, tables as
@@ -20,10 +20,13 @@ from pathlib import Path
 from avglab.eval.report import histogram_figure
 from avglab.eval.sweep_figures import pareto_figure, sweep_figure
 from avglab.eval.tables import (
+    ROWS,
     MixedRunsError,
+    Run,
     collect,
     first_runs,
     repeats_note,
+    routing_table,
     sweep_runs,
     sweep_table,
     table3,
@@ -80,6 +83,10 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
             figures[file] = pareto_figure(points, refs)
         else:
             figures[file] = sweep_figure(points, name, title, log_x)
+    sections.append(
+        "### Routing: share of each question type's samples at each granularity (coarsest first)\n\n"
+        + routing_table(routing_rows(runs, sweeps))
+    )
     text = "\n\n".join(sections) + "\n"
     (out / "tables.md").write_text(text)
     for file, fig in figures.items():
@@ -93,6 +100,7 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
             **r.params,
             "accuracy": r.metrics["accuracy"],
             "visual_tokens_mean": r.metrics["visual_tokens_mean"],
+            "granularity_histogram_by_type": r.metrics["granularity_histogram_by_type"],
         }
         for r in runs
     ]
@@ -100,6 +108,15 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
     if tensorboard:
         log_tensorboard(out / "tensorboard", text, figures, sweeps)
     return {"tables": out / "tables.md", "figures": sorted(figures), "runs": len(runs)}
+
+
+def routing_rows(runs: list[Run], sweeps: dict) -> list[tuple[str, Run]]:
+    """Table 4 rows in the paper's order, then each sweep's members (the full row listed once)."""
+    by_ablation = {r.ablation: r for r in runs if r.ablation in ROWS}
+    rows = [(label, by_ablation[name]) for name, label in ROWS.items() if name in by_ablation]
+    for name, points in sweeps.items():
+        rows += [(f"{name}={value}", run) for value, run in points if run.ablation != "full"]
+    return rows
 
 
 def log_tensorboard(folder: Path, text: str, figures: dict, sweeps: dict) -> None:

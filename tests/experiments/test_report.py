@@ -5,7 +5,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from avglab.eval.tables import MixedRunsError, collect, sweep, table4
+from avglab.eval.tables import MixedRunsError, collect, routing_share, routing_table, sweep, table4
 from avglab.report import main
 
 BASE = {"path": "/ws/runs/multigran/x/model", "sha256": "a" * 64}
@@ -101,6 +101,28 @@ def test_report_writes_tables_figures_and_tensorboard(multirun, tmp_path):
     for png in ("fig5_routing.png", "fig6_k.png", "fig7_alpha.png", "pareto_token_cost.png"):
         assert (out / png).stat().st_size > 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_routing_shares_per_question_type_and_level(multirun, tmp_path):
+    runs, _ = collect([multirun])
+    full = next(r for r in runs if r.ablation == "full")
+    assert routing_share(full) == {"gaze": [0, 0, 0, 0, 1.0], "glance": [0.75, 0, 0, 0, 0.25]}
+    assert "| full | 4 / 8 / 16 / 32 / 64 | 0 / 0 / 0 / 0 / 100 | 75 / 0 / 0 / 0 / 25 |" in routing_table(
+        [("full", full)]
+    )
+    out = tmp_path / "report"
+    assert main([str(multirun), "--out", str(out)]) == 0
+    text = (out / "tables.md").read_text()
+    routing = text[text.index("### Routing") :]
+    # Table 4 rows first, then each sweep's members; the full row is not repeated in the sweeps
+    assert (
+        routing.index("| AVG-LLaVA (RGLF) |")
+        < routing.index("| k=1 |")
+        < routing.index("| token_cost=0.01 |")
+    )
+    assert "| k=32 |" not in routing
+    saved = json.loads((out / "runs.json").read_text())["runs"]
+    assert all(r["granularity_histogram_by_type"]["glance"] == {"4": 3, "64": 1} for r in saved)
 
 
 @pytest.mark.parametrize("what", ["base", "data"])

@@ -302,3 +302,30 @@ def sweep_table(points: list[tuple[float, Run]], name: str) -> str:
         cells += [f"{m['visual_tokens_mean']:.1f}", pct(1 - m["token_reduction"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def routing_share(run: Run) -> dict[str, list[float]]:
+    """Share of each question type's samples routed to each granularity, coarsest first.
+
+    Returns:
+        question type -> one share per level of the run's granularity list (sums to 1).
+    """
+    levels = run.metrics.get("granularities") or run.params["granularities"]
+    out = {}
+    for qtype, hist in sorted(run.metrics["granularity_histogram_by_type"].items()):
+        total = sum(hist.values())
+        out[qtype] = [hist.get(str(g), 0) / total if total else float("nan") for g in levels]
+    return out
+
+
+def routing_table(rows: list[tuple[str, Run]]) -> str:
+    """Markdown: per labelled run, the % of each question type's samples at each granularity."""
+    types = sorted({t for _, r in rows for t in r.metrics["granularity_histogram_by_type"]})
+    head = ["run", "granularities", *[f"{t}: % per level" for t in types]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows:
+        shares = routing_share(r)
+        levels = r.metrics.get("granularities") or r.params["granularities"]
+        cells = [" / ".join(f"{100 * s:.0f}" for s in shares[t]) if t in shares else "n/a" for t in types]
+        lines.append("| " + " | ".join([label, " / ".join(map(str, levels)), *cells]) + " |")
+    return "\n".join(lines)
