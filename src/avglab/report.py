@@ -120,9 +120,15 @@ def routing_rows(runs: list[Run], sweeps: dict) -> list[tuple[str, Run]]:
 
 
 def log_tensorboard(folder: Path, text: str, figures: dict, sweeps: dict) -> None:
-    """Tables as text, figures as images, sweep accuracies as scalars (step = index in the sweep)."""
+    """Tables as text, figures as images, sweep accuracies as scalars (step = index in the sweep).
+
+    The report is rewritten as a whole, so earlier report events in ``folder`` are removed first:
+    TensorBoard would otherwise show the stale tables and sweep curves beside the new ones.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
+    for old in folder.glob("events.out.tfevents.*"):
+        old.unlink()
     writer = SummaryWriter(str(folder))
     writer.add_text("report/tables", text)
     for file, fig in figures.items():

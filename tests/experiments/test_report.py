@@ -100,7 +100,11 @@ def test_report_writes_tables_figures_and_tensorboard(multirun, tmp_path):
     assert "### sweep: token_cost (router.token_cost_scale=linear)" in text
     for png in ("fig5_routing.png", "fig6_k.png", "fig7_alpha.png", "pareto_token_cost.png"):
         assert (out / png).stat().st_size > 0
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    stale = out / "tensorboard" / "events.out.tfevents.0.old.0"
+    stale.write_bytes(b"")
+    assert main([str(multirun), "--out", str(out)]) == 0  # a rewritten report replaces its events
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0] != stale
 
 
 def test_routing_shares_per_question_type_and_level(multirun, tmp_path):
