@@ -119,6 +119,7 @@ def test_unknown_key_fails_at_composition(tmp_path):
         ("router.k=0", "router.k"),
         ("router.granularities=[4,100]", "router.granularities"),
         ("router.token_cost_scale=log", "router.token_cost_scale"),
+        ("stage.ema_decay=1.5", "stage.ema_decay"),
     ],
 )
 def test_bad_router_config_fails_before_the_model_is_built(tmp_path, override, message):

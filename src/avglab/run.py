@@ -19,6 +19,7 @@ from avglab.build import build_core, build_datamodule
 from avglab.eval_after import eval_after_config
 from avglab.model.weights import full_core_state, load_core, load_router, save_core
 from avglab.provenance import base_checkpoint, data_digest
+from avglab.stages.averaging import TrainableEMA
 from avglab.stages.evaluate import EvalStage
 from avglab.strategies import check_strategy
 
@@ -91,13 +92,19 @@ def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
     }
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def stage_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Callbacks the stage config asks for (checked before any model is built)."""
+    return [TrainableEMA(cfg.stage.ema_decay)] if cfg.stage.get("ema_decay") is not None else []
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra: list[L.Callback] | None = None) -> L.Trainer:
     """Lightning Trainer from the trainer/strategy/logger groups, checkpointing into the run dir."""
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every
         ),
         LearningRateMonitor(logging_interval="step"),
+        *(extra or []),
     ]
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
     trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks, strategy=strategy)
@@ -130,6 +137,7 @@ def run(cfg: DictConfig) -> dict:
     """Runs the configured stage and returns its metrics."""
     L.seed_everything(cfg.seed, workers=True)
     check_strategy(cfg)
+    extra_callbacks = stage_callbacks(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     init = resolve_init(cfg)
@@ -153,7 +161,7 @@ def run(cfg: DictConfig) -> dict:
         cfg, tokenizer, image_processor, stage.get("eval_batch_size"), stage.get("batch_size")
     )
     prints["data_digest"] = data_digest(datamodule.urls)  # the shards this run reads, by content
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, extra_callbacks)
     if stage.name == "eval":
         module = EvalStage.from_config(core, tokenizer, cfg, run_dir, prints)
         trainer.test(module, datamodule=datamodule)
