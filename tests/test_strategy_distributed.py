@@ -212,3 +212,7 @@ def test_fsdp2_saves_sharded_checkpoints_and_resumes_them_exactly(distributed):
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+    # Leave together and tear the process group down before exit: a rank whose gloo threads are still
+    # alive at interpreter shutdown can abort ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
