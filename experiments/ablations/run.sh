@@ -9,7 +9,7 @@ start=$(date +%s)
 python -m avglab -m experiment=ablations \
     ablation=full,fixed,random,image_only,granularity_set,gumbel,no_rank,no_ce "$@" hydra.sweep.dir="$OUT/table4"
 python -m avglab -m experiment=ablations stage=rglf_cached router.k=1,2,4,8 "$@" hydra.sweep.dir="$OUT/k"
-python -m avglab -m experiment=ablations stage=rglf_cached stage.alpha=0.01,0.03,0.3,1 "$@" \
+python -m avglab -m experiment=ablations stage=rglf_cached stage.alpha=0.01,0.03,0.1,0.3,1 "$@" \
     hydra.sweep.dir="$OUT/alpha"
 echo "table 4 + k + alpha: $(( $(date +%s) - start )) s" | tee "$OUT/timing.txt"
 python -m avglab -m experiment=ablations stage=rglf_cached router.token_cost=0,0.01,0.02,0.035,0.05,0.07 "$@" \
