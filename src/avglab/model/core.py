@@ -2,8 +2,8 @@
 
 One vision pass per sample per step (pitfall 6): ``encode`` runs the vision tower and projector
 once, the scaler pools the projected grids to every level, the selector picks a level per sample,
-and ``splice`` replaces each sample's single ``<image>`` placeholder by its packed visual tokens,
-so one batch can mix samples fed at different granularities (right- or left-padded).
+and ``splice`` replaces each sample's single ``<image>`` placeholder by its packed visual tokens
+(:mod:`avglab.model.splice`), so one batch can mix samples fed at different granularities.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from transformers import LlavaNextForConditionalGeneration
 from avglab.model.packing import count_visual_tokens, num_tiles, pack_image
 from avglab.model.router import RouterInput
 from avglab.model.scaler import GranularityScaler
-from avglab.model.seqpack import pack_rows
+from avglab.model.splice import Spliced, insert_visual, pack_spliced, pad_spliced
 
 
 @dataclass
@@ -35,33 +35,6 @@ class Encoded:
     levels: list[torch.Tensor]
     tile_owner: torch.Tensor
     has_image: torch.Tensor
-
-
-@dataclass
-class Spliced:
-    """LLM inputs after the visual tokens replaced the placeholders.
-
-    Attributes:
-        embeds: (B, S, C) input embeddings.
-        attention_mask: (B, S).
-        position_ids: (B, S) positions counted over real tokens only (left padding safe).
-        labels: (B, S) or None; -100 on visual tokens and padding.
-        segments: None when each row is one sequence; for packed rows (``splice_packed``), (R, S)
-            index of the sequence at each position (-1 on padding).
-        right_padded: every row's padding comes after its real tokens.
-    """
-
-    embeds: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor | None
-    segments: torch.Tensor | None = None
-    right_padded: bool = False
-
-    @property
-    def num_sequences(self) -> int:
-        """Sequences held (rows, or packed sequences)."""
-        return len(self.embeds) if self.segments is None else int(self.segments.max()) + 1
 
 
 @dataclass
@@ -270,19 +243,7 @@ class AvgCore(nn.Module):
             padding_side: "right" for training, "left" for batched generation.
         """
         seqs, labs = self.spliced_sequences(input_ids, attention_mask, visual, labels)
-        side = padding_side
-        out_embeds = pad_sequence(seqs, batch_first=True, padding_side=side)
-        mask = pad_sequence(
-            [torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True, padding_side=side
-        )
-        mask = mask.to(out_embeds.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out_labels = (
-            pad_sequence(labs, batch_first=True, padding_value=-100, padding_side=side)
-            if labels is not None
-            else None
-        )
-        return Spliced(out_embeds, mask, positions, out_labels, right_padded=side == "right")
+        return pad_spliced(seqs, labs if labels is not None else None, padding_side)
 
     def splice_packed(
         self,
@@ -299,9 +260,7 @@ class AvgCore(nn.Module):
         Returns:
             A ``Spliced`` of R <= E rows with ``segments`` set and ``attention_mask`` all ones.
         """
-        seqs, labs = self.spliced_sequences(input_ids, attention_mask, visual, labels)
-        embeds, positions, out_labels, segments = pack_rows(seqs, labs)
-        return Spliced(embeds, torch.ones_like(positions), positions, out_labels, segments)
+        return pack_spliced(*self.spliced_sequences(input_ids, attention_mask, visual, labels))
 
     def spliced_sequences(
         self,
@@ -312,29 +271,7 @@ class AvgCore(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per entry, the unpadded (n_e, C) input embeddings and (n_e,) labels with visual tokens in."""
         embeds = self.llava.get_input_embeddings()(input_ids)  # (E, L, C)
-        seqs, labs = [], []
-        for e, tokens in enumerate(visual):
-            keep = attention_mask[e].bool()
-            ids, emb = input_ids[e][keep], embeds[e][keep]
-            lab = labels[e][keep] if labels is not None else torch.full_like(ids, -100)
-            where = (ids == self.image_token_id).nonzero().flatten()
-            if tokens is None:
-                if len(where):
-                    raise ValueError(
-                        f"sample {e} has an <image> placeholder but no image; fix the data record"
-                    )
-            else:
-                if len(where) != 1:
-                    raise ValueError(
-                        f"sample {e} has {len(where)} <image> placeholders; avglab's core takes exactly one "
-                        "per image sample"
-                    )
-                p = int(where[0])
-                emb = torch.cat([emb[:p], tokens.to(emb.dtype), emb[p + 1 :]])
-                lab = torch.cat([lab[:p], lab.new_full((len(tokens),), -100), lab[p + 1 :]])
-            seqs.append(emb)
-            labs.append(lab)
-        return seqs, labs
+        return insert_visual(embeds, input_ids, attention_mask, visual, labels, self.image_token_id)
 
     def hidden_states(self, spliced: Spliced) -> torch.Tensor:
         """(E, S, C) last hidden states of the LLM."""

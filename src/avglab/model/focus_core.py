@@ -22,12 +22,13 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import LlavaNextForConditionalGeneration
 from transformers.cache_utils import DynamicCache
 
-from avglab.model.core import AvgCore, CoreOutput, Encoded, Spliced
+from avglab.model.core import AvgCore, CoreOutput, Encoded
 from avglab.model.focus_llm import PrunedLanguageModel, PrunedState, equivalent_tokens
 from avglab.model.focus_text import TextPlan, TextSampler
 from avglab.model.focus_vision import VisionSample, VisionSampler, balance_loss
 from avglab.model.generation import Generated, greedy_generate, synchronize
 from avglab.model.packing import pack_image
+from avglab.model.splice import Spliced
 
 FOCUS_LEVEL = -1
 

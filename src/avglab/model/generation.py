@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from avglab.model.core import AvgCore, Spliced
+from avglab.model.core import AvgCore
+from avglab.model.splice import Spliced
 
 
 def synchronize(device: torch.device) -> None:
