@@ -310,7 +310,7 @@ def routing_share(run: Run) -> dict[str, list[float]]:
     Returns:
         question type -> one share per level of the run's granularity list (sums to 1).
     """
-    levels = run.metrics.get("granularities") or run.params["granularities"]
+    levels = run.params["granularities"]  # the evaluation's own list (collect)
     out = {}
     for qtype, hist in sorted(run.metrics["granularity_histogram_by_type"].items()):
         total = sum(hist.values())
@@ -325,7 +325,7 @@ def routing_table(rows: list[tuple[str, Run]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows:
         shares = routing_share(r)
-        levels = r.metrics.get("granularities") or r.params["granularities"]
+        levels = r.params["granularities"]
         cells = [" / ".join(f"{100 * s:.0f}" for s in shares[t]) if t in shares else "n/a" for t in types]
         lines.append("| " + " | ".join([label, " / ".join(map(str, levels)), *cells]) + " |")
     return "\n".join(lines)

@@ -26,50 +26,46 @@ class TrainableEMA(L.Callback):
     def __init__(self, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"stage.ema_decay={decay}: must be in (0, 1), or null for no averaging")
-        self.decay = decay
         self.update = get_ema_multi_avg_fn(decay)
         self.names: list[str] = []
+        self.params: list[torch.Tensor] = []  # the trained parameters, found once per fit
         self.average: list[torch.Tensor] = []
         self.latest_step = 0
         self.restored: dict | None = None
 
-    def trainable(self, module: L.LightningModule) -> list[torch.Tensor]:
-        named = dict(module.named_parameters())
-        return [named[n] for n in self.names]
-
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
-        self.average = [p.detach().clone() for p in self.trainable(pl_module)]
+        trained = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in trained], [p for _, p in trained]
+        self.average = [p.detach().clone() for p in self.params]
         if self.restored is not None:  # resuming: the average saved with the checkpoint
             self.load_average(self.restored)
             self.restored = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if trainer.global_step > self.latest_step:  # after an optimizer step, not every micro batch
-            current = [p.detach() for p in self.trainable(pl_module)]
-            self.update(self.average, current, trainer.global_step)
+            self.update(self.average, [p.detach() for p in self.params], trainer.global_step)
             self.latest_step = trainer.global_step
 
-    def swap(self, pl_module: L.LightningModule) -> None:
+    def swap(self) -> None:
         """Exchanges the module's trainable parameters with the average."""
         with torch.no_grad():
-            for param, average in zip(self.trainable(pl_module), self.average, strict=True):
+            for param, average in zip(self.params, self.average, strict=True):
                 held = param.detach().clone()
                 param.copy_(average)
                 average.copy_(held)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and self.average:
-            self.swap(pl_module)
+            self.swap()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and self.average:
-            self.swap(pl_module)
+            self.swap()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The averaged weights become the stage's output."""
         with torch.no_grad():
-            for param, average in zip(self.trainable(pl_module), self.average, strict=True):
+            for param, average in zip(self.params, self.average, strict=True):
                 param.copy_(average)
 
     def state_dict(self) -> dict:
