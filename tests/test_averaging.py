@@ -4,8 +4,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from stage_config import compose_run
 from torch import nn
 
+from avglab.run import build_trainer
 from avglab.stages.averaging import TrainableEMA
 
 DECAY = 0.5
@@ -76,3 +78,11 @@ def test_resuming_keeps_the_average(tmp_path):
 def test_decay_outside_zero_one_names_the_key():
     with pytest.raises(ValueError, match="stage.ema_decay"):
         TrainableEMA(1.0)
+
+
+def test_every_trainer_of_a_stage_with_ema_decay_averages(tmp_path):
+    cfg = compose_run(tmp_path, tmp_path / "run", "stage=rglf")  # the tiny recipe sets stage.ema_decay
+    emas = [c for c in build_trainer(cfg, tmp_path / "run").callbacks if isinstance(c, TrainableEMA)]
+    assert len(emas) == 1
+    off = compose_run(tmp_path, tmp_path / "off", "stage=rglf", "stage.ema_decay=null")
+    assert not any(isinstance(c, TrainableEMA) for c in build_trainer(off, tmp_path / "off").callbacks)

@@ -9,6 +9,10 @@
    stage-4 training cache, and the level that maximises the mean priced feedback as the cost grows, for
    both ``router.token_cost_scale`` values (default: the train cache scored by the evaluated model's
    stage-3 weights).
+3. Per question kind: quantiles of the per-sample feedback gap r_i - r_j between every two levels (the means
+   of 2. hide how many samples tie), and the router preference that Eq. 9 settles on when one score vector
+   serves every sample of the kind (what an instruction-only router converges to) at ``--cost`` per doubling
+   and ``--alpha``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file
 
-from avglab.model.losses import apply_token_cost
+from avglab.model.losses import apply_token_cost, rglf_loss
 from avglab.provenance import tensors_sha256
 
 
@@ -61,6 +65,18 @@ def best_level_by_cost(feedback: torch.Tensor, tokens: torch.Tensor, scale: str,
     return changes
 
 
+def per_kind_optimum(feedback: torch.Tensor, alpha: float, steps: int = 400) -> list[float]:
+    """Softmax of the single (N,) score vector minimising Eq. 9 over these samples' (S, N) feedback."""
+    logits = torch.zeros(feedback.shape[1], requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(steps):
+        loss = rglf_loss(logits.expand(len(feedback), -1), feedback, alpha=alpha).total
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [round(float(p), 3) for p in torch.softmax(logits.detach(), 0)]
+
+
 def train_cache_of(workspace: Path, metrics: dict) -> Path:
     """The stage-4 train cache scored by the evaluated model's base (stage-3) weights at its granularities.
 
@@ -91,6 +107,8 @@ def main() -> None:
     parser.add_argument(
         "--cache", type=Path, default=None, help="a feedback cache folder (cache/feedback/<key>)"
     )
+    parser.add_argument("--cost", type=float, default=0.035, help="per-doubling price for the optimum")
+    parser.add_argument("--alpha", type=float, default=0.1, help="Eq. 9's CE weight for the optimum")
     args = parser.parse_args()
     ws = args.workspace
     eval_dir = args.eval_dir or Path(sorted(glob.glob(str(ws / "runs" / "eval" / "2*")))[-1])
@@ -116,6 +134,21 @@ def main() -> None:
         for scale, max_cost in (("linear", 3e-3), ("log2", 0.15)):
             changes = best_level_by_cost(r, t, scale, max_cost)
             print(f"    {scale} cost -> (cost, best level index): {changes}")
+    print(
+        f"per-sample gaps r_i - r_j (quantiles 10/25/50/75/90%) and the Eq. 9 optimum per kind "
+        f"(one score vector per kind; {args.cost} per doubling, alpha {args.alpha}):"
+    )
+    for kind in sorted(set(per_sample)):
+        rows = torch.from_numpy(per_sample == kind)
+        r, t = tensors["feedback"][rows], tensors["tokens"][rows]
+        print(f"  {kind}:")
+        for i in range(len(levels) - 1, 0, -1):
+            for j in range(i - 1, -1, -1):
+                gap = (r[:, i] - r[:, j]).numpy()
+                quantiles = np.quantile(gap, [0.1, 0.25, 0.5, 0.75, 0.9]).round(3).tolist()
+                print(f"    r{levels[i]} - r{levels[j]}: {quantiles}")
+        optimum = per_kind_optimum(apply_token_cost(r, t, args.cost, "log2"), args.alpha)
+        print(f"    Eq. 9 optimum, probability per level {levels}: {optimum}")
 
 
 if __name__ == "__main__":

@@ -93,18 +93,21 @@ def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
 
 
 def stage_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks the stage config asks for (checked before any model is built)."""
+    """Callbacks the stage config asks for (``run`` builds them first: a bad value fails before any model)."""
     return [TrainableEMA(cfg.stage.ema_decay)] if cfg.stage.get("ema_decay") is not None else []
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra: list[L.Callback] | None = None) -> L.Trainer:
-    """Lightning Trainer from the trainer/strategy/logger groups, checkpointing into the run dir."""
+    """Lightning Trainer from the trainer/strategy/logger groups, checkpointing into the run dir.
+
+    ``extra`` are the stage's callbacks when the caller built them already; None builds them here.
+    """
     callbacks = [
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=cfg.checkpoint_every
         ),
         LearningRateMonitor(logging_interval="step"),
-        *(extra or []),
+        *(stage_callbacks(cfg) if extra is None else extra),
     ]
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
     trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks, strategy=strategy)
