@@ -87,9 +87,40 @@ def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
         "data_digest": None,  # set by run() once the data module knows the shards
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "data_config": OmegaConf.to_container(cfg.data.get("synth") or {}, resolve=True),
+        "data_config": data_settings(cfg.data),
         "versions": {p: version(p) for p in ("avglab", "torch", "transformers", "lightning", "webdataset")},
     }
+
+
+def data_settings(data: DictConfig) -> dict:
+    """What defines a data set's content: the generator's settings, or the converted shards' root and globs.
+
+    ``data_digest`` hashes the shards themselves; this names them for people reading a report.
+    """
+    if data.get("synth") is not None:  # data=synth: the generator's seed and sizes decide the samples
+        return OmegaConf.to_container(data.synth, resolve=True)
+    return {key: data.get(key) for key in ("root", "train_shards", "val_shards", "test_shards")}
+
+
+def publishes_stage_output(cfg: DictConfig) -> bool:
+    """Whether this run becomes the workspace's ``<stage>`` output (the next stage's default start).
+
+    ``publish_stage_output=null`` (the default) publishes a single run and not the jobs of a Hydra
+    multirun: sweep members finish in any order, so the last one would win silently. ``true`` or
+    ``false`` decides explicitly.
+    """
+    asked = cfg.get("publish_stage_output")
+    if asked is not None:
+        return bool(asked)
+    return not is_multirun_job()
+
+
+def is_multirun_job() -> bool:
+    """True inside a job of ``python -m avglab -m ...`` (Hydra's multirun mode)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def stage_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -184,11 +215,19 @@ def run(cfg: DictConfig) -> dict:
         meta = {"stage": stage.name, "metrics": metrics, "fingerprint": prints}
         out = save_core(core, run_dir / "model", meta, state)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.export` rebuilds
-        if cfg.get("publish_stage_output", True):  # the next stage's default start (stage.previous)
+        if publishes_stage_output(cfg):  # the next stage's default start (stage.previous)
             target = pointer(cfg, stage.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())}))
             log.info("%s is now the workspace's %s output (%s)", out, stage.name, target)
+        else:
+            log.info(
+                "%s is not the workspace's %s output (a multirun job or publish_stage_output=false); "
+                "use it with init_from=%s",
+                out,
+                stage.name,
+                out,
+            )
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if cfg.get("eval_after"):  # train and evaluate in one job (ablation/experiment configs)
             metrics["eval"] = run(eval_after_config(cfg, out))
