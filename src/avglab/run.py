@@ -167,40 +167,67 @@ def check_selector_loaded(cfg: DictConfig, core, init: Path | None, loaded) -> N
         )
 
 
-def run(cfg: DictConfig) -> dict:
-    """Runs the configured stage and returns its metrics."""
-    L.seed_everything(cfg.seed, workers=True)
-    check_strategy(cfg)
-    extra_callbacks = stage_callbacks(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    init = resolve_init(cfg)
+def load_weights(cfg: DictConfig, core, init: Path | None):
+    """Stage handoff into ``core``: ``init`` (a stage output), then ``model.router_from`` if given.
+
+    Returns:
+        What was loaded (the loader's report), for ``check_selector_loaded``.
+    """
     loaded = None
-    ckpt = resolve_ckpt(cfg) if cfg.ckpt_path else None
-    tokenizer, image_processor, core = build_core(cfg)
     if init is not None:
         loaded = load_core(core, init)
         log.info("initialised from %s (%s)", init, loaded)
     if cfg.model.get("router_from"):  # a trained router over fresh or checkpoint LLaVA weights
         loaded = load_router(core, cfg.model.router_from)
         log.info("router from %s (%d tensors)", cfg.model.router_from, loaded)
-    check_selector_loaded(cfg, core, init, loaded)
+    return loaded
+
+
+def run(cfg: DictConfig) -> dict:
+    """Runs the configured stage and returns its metrics: bench, eval, or a training fit."""
+    L.seed_everything(cfg.seed, workers=True)
+    check_strategy(cfg)
+    extra_callbacks = stage_callbacks(cfg)  # built first: a bad value fails before any model
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init = resolve_init(cfg)
+    ckpt = resolve_ckpt(cfg) if cfg.ckpt_path else None
+    tokenizer, image_processor, core = build_core(cfg)
+    check_selector_loaded(cfg, core, init, load_weights(cfg, core, init))
     prints = fingerprint(cfg, init)
-    stage = cfg.stage
-    if stage.name == "bench":  # timing only: no data module, no trainer
+    if cfg.stage.name == "bench":  # timing only: no data module, no trainer
         from avglab.bench.runner import run_bench
 
         return run_bench(cfg, core, tokenizer, image_processor, run_dir, prints)
     datamodule = build_datamodule(
-        cfg, tokenizer, image_processor, stage.get("eval_batch_size"), stage.get("batch_size")
+        cfg, tokenizer, image_processor, cfg.stage.get("eval_batch_size"), cfg.stage.get("batch_size")
     )
     prints["data_digest"] = data_digest(datamodule.urls)  # the shards this run reads, by content
     trainer = build_trainer(cfg, run_dir, extra_callbacks)
-    if stage.name == "eval":
-        module = EvalStage.from_config(core, tokenizer, cfg, run_dir, prints)
-        trainer.test(module, datamodule=datamodule)
-        return json.loads((run_dir / "metrics.json").read_text())
-    module = get_class(stage.module)(core=core, stage=stage)
+    if cfg.stage.name == "eval":
+        return evaluate(cfg, core, tokenizer, trainer, datamodule, run_dir, prints)
+    metrics = fit(cfg, core, trainer, datamodule, init, ckpt)
+    state = full_core_state(core, trainer)  # a collective under sharded strategies: every rank gathers
+    if trainer.is_global_zero:
+        out = write_stage_output(
+            cfg, core, state, run_dir, {"stage": cfg.stage.name, "metrics": metrics, "fingerprint": prints}
+        )
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if cfg.get("eval_after"):  # train and evaluate in one job (ablation/experiment configs)
+            metrics["eval"] = run(eval_after_config(cfg, out))
+    return metrics
+
+
+def evaluate(cfg: DictConfig, core, tokenizer, trainer: L.Trainer, datamodule, run_dir: Path, prints: dict):
+    """``stage=eval``: the test loop writes ``metrics.json``; returns it."""
+    module = EvalStage.from_config(core, tokenizer, cfg, run_dir, prints)
+    trainer.test(module, datamodule=datamodule)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def fit(cfg: DictConfig, core, trainer: L.Trainer, datamodule, init: Path | None, ckpt: str | None) -> dict:
+    """A training stage's fit; returns its final metrics, parameter counts, time and skipped samples."""
+    module = get_class(cfg.stage.module)(core=core, stage=cfg.stage)
     if hasattr(module, "fit_datamodule"):  # e.g. stage=rglf_cached trains from a feedback cache
         datamodule = module.fit_datamodule(cfg, datamodule, init)
     module.train()  # builders return eval-mode models; frozen parts go back to eval each epoch
@@ -210,25 +237,25 @@ def run(cfg: DictConfig) -> dict:
     metrics.update(module.parameter_counts())
     metrics["fit_seconds"] = time.perf_counter() - start
     metrics["skipped_samples"] = dict(datamodule.skipped)
-    state = full_core_state(core, trainer)  # a collective under sharded strategies: every rank gathers
-    if trainer.is_global_zero:
-        meta = {"stage": stage.name, "metrics": metrics, "fingerprint": prints}
-        out = save_core(core, run_dir / "model", meta, state)
-        OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.export` rebuilds
-        if publishes_stage_output(cfg):  # the next stage's default start (stage.previous)
-            target = pointer(cfg, stage.name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())}))
-            log.info("%s is now the workspace's %s output (%s)", out, stage.name, target)
-        else:
-            log.info(
-                "%s is not the workspace's %s output (a multirun job or publish_stage_output=false); "
-                "use it with init_from=%s",
-                out,
-                stage.name,
-                out,
-            )
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if cfg.get("eval_after"):  # train and evaluate in one job (ablation/experiment configs)
-            metrics["eval"] = run(eval_after_config(cfg, out))
     return metrics
+
+
+def write_stage_output(cfg: DictConfig, core, state: dict, run_dir: Path, meta: dict) -> Path:
+    """Saves ``<run dir>/model`` (weights + resolved config) and publishes it when this run should."""
+    out = save_core(core, run_dir / "model", meta, state)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.export` rebuilds
+    stage = cfg.stage.name
+    if publishes_stage_output(cfg):  # the next stage's default start (stage.previous)
+        target = pointer(cfg, stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"path": str(out.resolve()), "run_dir": str(run_dir.resolve())}))
+        log.info("%s is now the workspace's %s output (%s)", out, stage, target)
+    else:
+        log.info(
+            "%s is not the workspace's %s output (a multirun job or publish_stage_output=false); "
+            "use it with init_from=%s",
+            out,
+            stage,
+            out,
+        )
+    return out

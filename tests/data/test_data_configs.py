@@ -26,7 +26,9 @@ def test_every_data_config_composes_with_the_same_keys(monkeypatch, tmp_path):
         own = set(resolved) - {"synth"}
         keys = keys or own
         assert own == keys, name
-        if name != "synth":
+        if name == "shards":  # the user's own set: no default place, data.root is required
+            assert resolved["kind"] == "shards" and resolved["root"] == "???"
+        elif name != "synth":
             assert resolved["kind"] == "shards" and resolved["root"].startswith(str(tmp_path / "datasets"))
     pretrain = make_cfg("data=llava_pretrain", "stage=pretrain").data
     assert pretrain.template == "plain" and pretrain.train_shards == "train-*.tar"
