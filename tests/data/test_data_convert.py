@@ -10,6 +10,7 @@ from data_llava_helpers import llava_records, write_llava_source
 
 from avglab.data import convert as convert_module
 from avglab.data.convert import convert, main
+from avglab.data.datamodule import ShardDataModule
 from avglab.data.jsonstream import iter_records
 from avglab.data.skips import SkipLimitError
 
@@ -171,3 +172,78 @@ def test_command_line(tmp_path, capsys):
         assert tar.getnames() == ["000000000.json", "000000000.png", "000000001.json", "000000001.png"]
     with pytest.raises(SystemExit, match="no input file"):
         main([str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")])
+
+
+def test_eval_set_from_llava_conversations_on_the_command_line(tmp_path, tokenizer, image_processor):
+    write_llava_source(tmp_path, llava_records(2))
+
+    def turns(*values):
+        return [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(values)]
+
+    rows = [
+        {
+            "id": "one",
+            "image": "imgs/0.png",
+            "conversations": turns("<image>\nWhat color is the square?", "red"),
+        },
+        {  # a dialogue: its first exchange is evaluated, the later turns are dropped
+            "id": "dialogue",
+            "image": "imgs/1.png",
+            "conversations": turns("What shape is it?\n<image>", "circle", "And its color?", "blue"),
+        },
+        {"id": "text", "conversations": turns("What color is grass?", " green ")},
+        {  # a leading gpt turn is passed over, as LLaVA does
+            "id": "lead",
+            "image": "imgs/0.png",
+            "conversations": [{"from": "gpt", "value": "hi"}, *turns("<image>\nIs it big?", "yes")],
+        },
+        {
+            "id": "listed",
+            "image": "imgs/0.png",
+            "conversations": turns("<image>\nHow many?", "2"),
+            "answers": ["two", "2"],
+        },
+        {"id": "unanswered", "image": "imgs/0.png", "conversations": turns("<image>\nWhy?")},
+        {"id": "answer-first", "conversations": [{"from": "gpt", "value": "red"}]},
+        {"id": "empty", "image": "imgs/0.png", "conversations": turns("<image>\nWhat color?", "  ")},
+        {"id": "no-question", "image": "imgs/0.png", "conversations": turns("<image>", "red")},
+        {"id": "imageless", "conversations": turns("<image>\nWhat color is the square?", "red")},
+    ]
+    path = tmp_path / "heldout.json"
+    path.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    argv = [str(path), "--kind", "eval", "--split", "test", "--images", str(tmp_path), "--out", str(out)]
+    manifest = main([*argv, "--max-skip-fraction", "1", "--no-progress"])
+    assert manifest["records"] == len(rows) and manifest["samples"] == 5
+    assert {s["id"]: s["reason"] for s in manifest["skipped"]} == {
+        "unanswered": "no_exchange",
+        "answer-first": "no_exchange",
+        "empty": "no_answer",
+        "no-question": "no_question",
+        "imageless": "image_missing",
+    }
+    stored = {r["id"]: r for r in (json.loads(s["json"]) for s in shard_samples(out, "test"))}
+    assert stored["one"]["conversations"] == [
+        {"from": "human", "value": "<image>\nWhat color is the square?"},
+        {"from": "gpt", "value": "red"},
+    ]  # as an eval record of a question set: placeholder first, then the question
+    assert stored["dialogue"]["conversations"] == [
+        {"from": "human", "value": "<image>\nWhat shape is it?"},
+        {"from": "gpt", "value": "circle"},
+    ]
+    assert stored["text"]["conversations"][0] == {"from": "human", "value": "What color is grass?"}
+    assert "image" not in stored["text"] and stored["lead"]["answers"] == ["yes"]
+    # The eval path's reader: the question set's answers and ids, every kept record once.
+    urls = {"test": sorted(str(p) for p in out.glob("test-*.tar"))}
+    dm = ShardDataModule(urls, tokenizer, image_processor, batch_size=2, max_skip_fraction=0.0)
+    read = {
+        i: a for batch in dm.test_dataloader() for i, a in zip(batch["ids"], batch["answers"], strict=True)
+    }
+    assert read == {
+        "one": ["red"],
+        "dialogue": ["circle"],
+        "text": ["green"],
+        "lead": ["yes"],
+        "listed": ["two", "2"],
+    }
+    assert not dm.skipped

@@ -11,6 +11,9 @@ Examples::
     python -m avglab.data.convert textvqa_val.jsonl --kind eval --split test \
         --images textvqa/train_images --out $AVGLAB_DATA/eval/textvqa \
         --prompt-suffix $'\nAnswer the question using a single word or phrase.'
+    # a held-out part of LLaVA data: each record's first human/gpt exchange is its question/answer
+    python -m avglab.data.convert llava_heldout.json --kind eval --split test \
+        --images llava_images --out $AVGLAB_DATA/llava_instruct
 
 The input is read as a stream (a JSON list or JSON lines), images are read and fully decoded by
 a thread pool, and every record that cannot be trained on is skipped with its reason and listed
@@ -66,7 +69,8 @@ def convert(
         out: output folder (``<split>-%05d.tar``, ``<split>.manifest.json``).
         images: folder the records' ``image`` paths are relative to (default: the source's folder).
         split: split name the datamodule looks for (train, val or test).
-        kind: ``instruct`` (LLaVA conversations) or ``eval`` (question, answers, type, image).
+        kind: ``instruct`` (LLaVA conversations) or ``eval`` (question, answers, type, image; a
+            LLaVA conversation record counts as its first human/gpt exchange, later turns dropped).
         samples_per_shard: most samples a shard holds.
         shard_bytes: a shard is closed once its files hold this many bytes.
         workers: image-reading threads.
@@ -193,7 +197,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", help="folder the records' image paths are relative to (default: source's)")
     p.add_argument("--split", default="train", help="split name: train, val or test (default: train)")
     p.add_argument(
-        "--kind", choices=KINDS, default="instruct", help="instruct: LLaVA conversations; eval: QA"
+        "--kind",
+        choices=KINDS,
+        default="instruct",
+        help="instruct: LLaVA conversations; eval: QA records, or LLaVA records (their first exchange)",
     )
     p.add_argument("--shard-samples", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--shard-mb", type=float, default=1024, help="close a shard at this size (default 1024)")

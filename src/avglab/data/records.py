@@ -17,10 +17,18 @@ from typing import Any
 from PIL import Image
 
 from avglab.data.jsonstream import find_bad_text
-from avglab.data.processor import IMAGE_PLACEHOLDER, RecordError, check_text, parse_conversation
+from avglab.data.processor import (
+    ASSISTANT_ROLES,
+    IMAGE_PLACEHOLDER,
+    USER_ROLES,
+    RecordError,
+    check_text,
+    parse_conversation,
+)
 
 # Formats webdataset's decoder and LLaVA read as they are; anything else PIL opens is stored as PNG.
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+CONVERSATIONS = "conversations"  # LLaVA's dialogue key: an eval record may hold its question there
 
 
 @dataclass(frozen=True)
@@ -119,22 +127,42 @@ def prepare_eval(
     LLaVA does) plus ``prompt_suffix`` is the human turn; the most frequent reference answer is
     the gpt turn (for validation losses); all answers are kept in ``answers`` for the metrics.
 
+    A LLaVA conversation record (``conversations`` and no question key, e.g. a held-out part of
+    the training file) is evaluated on its first exchange: the first human turn is the question,
+    the gpt turn right after it the reference answer (unless the record names answers under
+    ``fields.answers``). Later turns are dropped by design, since one question is scored per
+    record; split a dialogue into several records to evaluate every turn.
+
     Raises:
-        RecordError: ``no_question``, ``no_answer`` or the image and text errors.
+        RecordError: ``no_question``, ``no_answer``, ``no_exchange`` (a conversation without a
+            human turn followed by a gpt turn), ``image_missing`` (a conversation with an
+            ``<image>`` placeholder but no image) or the image and text errors.
     """
     record = check_record(value, index)
     name = record_name(record, index, fields.id)
     question = _first(record, fields.question)
+    exchange = None
+    if question is None and record.get(CONVERSATIONS) is not None:
+        exchange = first_exchange(record, name)
+        question = exchange[0]
     if not isinstance(question, str) or not question.replace(IMAGE_PLACEHOLDER, "").strip():
-        raise RecordError("no_question", f"record {name}: no question under any of {list(fields.question)}")
+        keys = [*fields.question, CONVERSATIONS]
+        raise RecordError("no_question", f"record {name}: no question under any of {keys}")
     answers = reference_answers(_first(record, fields.answers))
+    if not answers and exchange is not None:
+        answers = reference_answers(exchange[1])
     if not answers:
-        raise RecordError(
-            "no_answer", f"record {name}: no reference answer under any of {list(fields.answers)}"
-        )
+        where = f"any of {list(fields.answers)}" + (" nor its first gpt turn" if exchange is not None else "")
+        raise RecordError("no_answer", f"record {name}: no reference answer under {where}")
     image_key = next((k for k in fields.image if record.get(k) is not None), fields.image[0])
     image = image_path(record, image_key, image_root, name)
     raw_image = record.get(image_key)
+    if exchange is not None and image is None and exchange[2]:
+        # As for training records: the dialogue is about an image the record does not have.
+        raise RecordError(
+            "image_missing",
+            f"record {name} has an <image> placeholder but no image: add the image or drop the placeholder",
+        )
     text = question.replace(IMAGE_PLACEHOLDER, "").strip() + prompt_suffix
     qtype = _first(record, fields.question_type)
     out = {
@@ -150,6 +178,31 @@ def prepare_eval(
         out["image"] = str(raw_image[0] if isinstance(raw_image, list) else raw_image)
     parse_conversation(out, has_image=image is not None)
     return Prepared(index, name, out, image)
+
+
+def first_exchange(record: dict, name: str) -> tuple[str, str, bool]:
+    """The first question and answer of a LLaVA conversation, and whether it mentions an image.
+
+    Returns the first human turn's value, the value of the gpt turn right after it, and whether
+    any human turn holds an ``<image>`` placeholder (LLaVA moves the image to the first turn
+    whichever turn holds it). Turns before the first human turn are passed over, as LLaVA's
+    preprocessing drops a leading non-human turn; later exchanges are not evaluated.
+
+    Raises:
+        RecordError: ``no_exchange`` when the conversation has no human turn followed by a gpt turn.
+    """
+    turns = record.get(CONVERSATIONS)
+    turns = [t for t in turns if isinstance(t, dict)] if isinstance(turns, list) else []
+    roles = [str(t.get("from", "")) for t in turns]
+    first = next((i for i, role in enumerate(roles) if role in USER_ROLES), None)
+    if first is None or first + 1 >= len(turns) or roles[first + 1] not in ASSISTANT_ROLES:
+        raise RecordError(
+            "no_exchange",
+            f"record {name}: '{CONVERSATIONS}' has no human turn followed by a gpt turn (roles: {roles})",
+        )
+    question, answer = turns[first].get("value"), turns[first + 1].get("value")
+    asked = [str(t.get("value", "")) for t in turns if str(t.get("from", "")) in USER_ROLES]
+    return question, answer, any(IMAGE_PLACEHOLDER in value for value in asked)
 
 
 def reference_answers(value: Any) -> list[str]:

@@ -7,13 +7,18 @@ import importlib.util
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
+from avglab.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
 from avglab.model.hub import from_hub
+
+TINY_MAX_POSITIONS = 4096  # the tiny LLaMA's max_position_embeddings (data.max_length is checked against it)
 
 
 def tiny_llava(
     vocab_size: int,
     image_token_id: int,
-    pad_token_id: int = 0,
+    pad_token_id: int = SPECIAL_TOKENS.index(PAD),
+    bos_token_id: int = SPECIAL_TOKENS.index(BOS),
+    eos_token_id: int = SPECIAL_TOKENS.index(EOS),
     tile_size: int = 64,
     patch_size: int = 8,
     grid_pinpoints: list[list[int]] | None = None,
@@ -33,6 +38,11 @@ def tiny_llava(
     code path the tiny model exercises is the one real checkpoints take. The vision feature layer
     is -2 with the CLS token dropped, as in LLaVA-NeXT. ``attn_implementation`` and
     ``gradient_checkpointing`` act as for checkpoints (see :func:`configure_llava`).
+
+    The special-token ids default to those of the word tokenizer
+    (:func:`~avglab.data.tokenizer.build_word_tokenizer`); pass another tokenizer's own ids. They go
+    to the config and the generation config, so HF ``generate`` stops on ``</s>``, not on
+    ``LlamaConfig``'s defaults (bos 1, eos 2: ``<unk>`` and ``<s>`` in the word tokenizer).
     """
     side = tile_size
     pinpoints = grid_pinpoints or [
@@ -58,8 +68,10 @@ def tiny_llava(
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
         num_key_value_heads=text_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=TINY_MAX_POSITIONS,
         pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
         tie_word_embeddings=False,
     )
     config = LlavaNextConfig(

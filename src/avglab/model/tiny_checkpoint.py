@@ -52,6 +52,8 @@ def write_tiny_checkpoint(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
         pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,  # the tokenizer's ids, so generate() stops on its </s>
+        eos_token_id=tokenizer.eos_token_id,
         seed=seed,
         **sizes,
     )
