@@ -8,13 +8,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import AutoTokenizer
 
 from avglab.data.datamodule import ShardDataModule
 from avglab.data.processor import build_image_processor
+from avglab.data.sources import shard_urls
 from avglab.data.synth import SynthConfig, ensure_synth_shards, synth_vocabulary
-from avglab.data.tokenizer import build_word_tokenizer
-from avglab.model.builders import pretrained_llava, tiny_llava
+from avglab.data.tokenizer import cached_word_tokenizer
+from avglab.data.vocabulary import shard_digest, shard_vocabulary
+from avglab.model.builders import TINY_MAX_POSITIONS, pretrained_llava, tiny_llava
 from avglab.model.core import AvgCore
 from avglab.model.focus_build import build_focus_core, check_focus, focus_enabled
 from avglab.model.hub import check_geometry, load_image_processor, load_llava_config, load_tokenizer
@@ -74,16 +75,55 @@ def check_router(cfg: DictConfig, grid: int) -> None:
         )
 
 
+def check_max_length(cfg: DictConfig) -> None:
+    """Fails when ``data.max_length`` (the whole spliced sequence) exceeds the LLM's positions."""
+    data = cfg.get("data")
+    if data is None or data.get("max_length") is None:
+        return
+    m = cfg.model
+    positions = (
+        TINY_MAX_POSITIONS
+        if m.builder == "tiny"
+        else checkpoint_config(m).text_config.max_position_embeddings
+    )
+    if data.max_length > positions:
+        raise ValueError(
+            f"data.max_length={data.max_length} exceeds the LLM's max_position_embeddings={positions} "
+            f"(model={m.name}); data.max_length counts the whole sequence with the visual tokens spliced "
+            f"in, so set data.max_length<={positions}"
+        )
+
+
 def build_tokenizer(cfg: DictConfig):
-    """A checkpoint's own tokenizer, or for ``model=tiny`` a word-level one built from the data vocabulary."""
+    """A checkpoint's own tokenizer, or for ``model=tiny`` a word-level one over the data's words."""
     if cfg.model.builder != "tiny":
         return load_tokenizer(cfg.model.path, checkpoint_config(cfg.model))
-    words = synth_vocabulary(synth_config(cfg.data))
-    digest = hashlib.sha256(json.dumps(sorted(words)).encode()).hexdigest()[:12]
-    folder = Path(cfg.workspace) / "tokenizers" / digest
-    if not (folder / "tokenizer.json").exists():
-        build_word_tokenizer(words, folder)
-    return AutoTokenizer.from_pretrained(folder)
+    data, cache = cfg.data, Path(cfg.workspace) / "tokenizers"
+    if data.kind == "synth":  # the generator's vocabulary: the demo's tokenizer and folder, as ever
+        words = synth_vocabulary(synth_config(data))
+        digest = hashlib.sha256(json.dumps(sorted(words)).encode()).hexdigest()[:12]
+        return cached_word_tokenizer(cache / digest, lambda: words)
+    if data.kind == "shards":  # every split's text, read once; the folder is named by the shards' content
+        urls = shard_urls(data)
+        return cached_word_tokenizer(
+            cache / shard_digest(urls, data.template),
+            lambda: shard_vocabulary(urls, data.template, str(data.root)),
+        )
+    raise ValueError(f"data.kind={data.kind!r}: choose synth or shards")
+
+
+def saved_tokenizer(cfg: DictConfig, folder: str | Path | None):
+    """The tokenizer a ``model=tiny`` stage output was trained with, or None.
+
+    A tiny model's word vocabulary comes from the data its first stage read; later stages, evaluation
+    and export must keep those ids even when they read other data (new words are then counted as
+    unknown, never re-numbered). A checkpoint model always loads its own tokenizer.
+    """
+    if cfg.model.builder != "tiny" or folder is None or not (Path(folder) / "tokenizer.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def build_llava(cfg: DictConfig, tokenizer):
@@ -141,14 +181,19 @@ def build_selector(router: DictConfig, hidden_size: int) -> nn.Module | None:
     return None
 
 
-def build_core(cfg: DictConfig):
-    """Tokenizer, image processor and the core, after the router (or FocusLLaVA) config has been checked."""
+def build_core(cfg: DictConfig, tokenizer=None):
+    """Tokenizer, image processor and the core, after the router (or FocusLLaVA) config has been checked.
+
+    ``tokenizer`` replaces :func:`build_tokenizer`'s, e.g. the one a tiny model was trained with
+    when it now reads other data (its word vocabulary is then not this data's).
+    """
     focus = focus_enabled(cfg)  # FocusLLaVA (METHOD 2) replaces the router: focus=vision|text|both
     if focus:
         check_focus(cfg)
     else:
         check_router(cfg, model_grid(cfg.model))
-    tokenizer = build_tokenizer(cfg)
+    check_max_length(cfg)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
     llava = build_llava(cfg, tokenizer)
     image_processor = build_image_processor_for(cfg.model, llava)
     if focus:
@@ -168,9 +213,10 @@ def build_datamodule(
 
     ``data.kind=shards`` reads ``data.<split>_shards`` globs under ``data.root`` (converter output,
     see ``python -m avglab.data.convert``) and the sample counts of their manifests.
+    ``data.max_length`` counts the whole sequence the LLM reads, the image's visual tokens at the
+    finest level included (the model's grid tells the processor how many there are).
     """
     from avglab.data.shardset import read_manifests
-    from avglab.data.sources import shard_urls
 
     data = cfg.data
     if data.kind == "synth":
@@ -190,6 +236,7 @@ def build_datamodule(
         shuffle_buffer=data.shuffle_buffer,
         seed=cfg.seed,
         max_length=data.max_length,
+        grid=model_grid(cfg.model),
         epoch_samples=data.epoch_samples,
         max_skip_fraction=data.max_skip_fraction,
         shard_sizes=read_manifests([u for split in urls.values() for u in split]),

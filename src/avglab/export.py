@@ -139,7 +139,7 @@ def export_stage(source: str, out: Path, overwrite: bool = False) -> Path:
         FileExistsError: ``out`` is not empty and ``overwrite`` is False.
         FileNotFoundError: the stage output has no ``config.yaml`` (nor ``../.hydra/config.yaml``).
     """
-    from avglab.build import build_core
+    from avglab.build import build_core, saved_tokenizer
 
     folder = resolve_source(source)
     out = Path(out)
@@ -151,7 +151,7 @@ def export_stage(source: str, out: Path, overwrite: bool = False) -> Path:
     if config is None:
         raise FileNotFoundError(f"{folder}: no {CONFIG} (nor ../.hydra/{CONFIG}) to rebuild the model from")
     cfg = OmegaConf.load(config)
-    tokenizer, image_processor, core = build_core(cfg)
+    tokenizer, image_processor, core = build_core(cfg, saved_tokenizer(cfg, folder))
     load_core(core, folder)
     return export_core(core, tokenizer, image_processor, cfg, out, source=str(folder.resolve()))
 

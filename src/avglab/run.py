@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from avglab.batching import apply_global_batch
-from avglab.build import build_core, build_datamodule
+from avglab.build import build_core, build_datamodule, saved_tokenizer
 from avglab.eval_after import eval_after_config
 from avglab.model.weights import full_core_state, load_core, load_router, save_core
 from avglab.provenance import base_checkpoint, data_digest
@@ -192,7 +192,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     init = resolve_init(cfg)
     ckpt = resolve_ckpt(cfg) if cfg.ckpt_path else None
-    tokenizer, image_processor, core = build_core(cfg)
+    tokenizer, image_processor, core = build_core(cfg, saved_tokenizer(cfg, init))
     check_selector_loaded(cfg, core, init, load_weights(cfg, core, init))
     prints = fingerprint(cfg, init)
     if cfg.stage.name == "bench":  # timing only: no data module, no trainer
@@ -209,9 +209,8 @@ def run(cfg: DictConfig) -> dict:
     metrics = fit(cfg, core, trainer, datamodule, init, ckpt)
     state = full_core_state(core, trainer)  # a collective under sharded strategies: every rank gathers
     if trainer.is_global_zero:
-        out = write_stage_output(
-            cfg, core, state, run_dir, {"stage": cfg.stage.name, "metrics": metrics, "fingerprint": prints}
-        )
+        meta = {"stage": cfg.stage.name, "metrics": metrics, "fingerprint": prints}
+        out = write_stage_output(cfg, core, tokenizer, state, run_dir, meta)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if cfg.get("eval_after"):  # train and evaluate in one job (ablation/experiment configs)
             metrics["eval"] = run(eval_after_config(cfg, out))
@@ -219,10 +218,16 @@ def run(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig, core, tokenizer, trainer: L.Trainer, datamodule, run_dir: Path, prints: dict):
-    """``stage=eval``: the test loop writes ``metrics.json``; returns it."""
+    """``stage=eval``: the test loop writes ``metrics.json``, completed here with the data's losses."""
     module = EvalStage.from_config(core, tokenizer, cfg, run_dir, prints)
     trainer.test(module, datamodule=datamodule)
-    return json.loads((run_dir / "metrics.json").read_text())
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["skipped_samples"] = dict(datamodule.skipped)
+    metrics["unknown_tokens"] = dict(datamodule.unknown)  # words a tiny word-level tokenizer cannot represent
+    if trainer.is_global_zero:
+        path.write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def fit(cfg: DictConfig, core, trainer: L.Trainer, datamodule, init: Path | None, ckpt: str | None) -> dict:
@@ -237,13 +242,15 @@ def fit(cfg: DictConfig, core, trainer: L.Trainer, datamodule, init: Path | None
     metrics.update(module.parameter_counts())
     metrics["fit_seconds"] = time.perf_counter() - start
     metrics["skipped_samples"] = dict(datamodule.skipped)
+    metrics["unknown_tokens"] = dict(datamodule.unknown)  # words a tiny word-level tokenizer cannot represent
     return metrics
 
 
-def write_stage_output(cfg: DictConfig, core, state: dict, run_dir: Path, meta: dict) -> Path:
-    """Saves ``<run dir>/model`` (weights + resolved config) and publishes it when this run should."""
+def write_stage_output(cfg: DictConfig, core, tokenizer, state: dict, run_dir: Path, meta: dict) -> Path:
+    """Saves ``<run dir>/model`` (weights, tokenizer, resolved config); publishes it when this run should."""
     out = save_core(core, run_dir / "model", meta, state)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.export` rebuilds
+    tokenizer.save_pretrained(str(out))  # a tiny model's word ids travel with its weights (saved_tokenizer)
     stage = cfg.stage.name
     if publishes_stage_output(cfg):  # the next stage's default start (stage.previous)
         target = pointer(cfg, stage)

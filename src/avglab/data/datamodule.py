@@ -5,7 +5,8 @@ Skipped samples are counted by reason in ``ShardDataModule.skipped``: ``truncate
 malformed record, ``truncated_shard`` / ``unreadable_shard`` for broken tar files, and the
 exception type for other unreadable data (see :mod:`avglab.data.skips`). Loader workers send
 their counts to the main process along with the batches, so the counter is complete with any
-``num_workers``; above ``max_skip_fraction`` the loader stops the run.
+``num_workers``; above ``max_skip_fraction`` the loader stops the run. Kept samples with ``<unk>``
+ids (words a word-level tokenizer lacks) travel the same way into ``ShardDataModule.unknown``.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class ShardDataModule(L.LightningDataModule):
     """Train/val/test loaders over WebDataset shards of LLaVA-format records.
 
     Shards are split across ranks (every ``world_size``-th shard from ``rank``) and then across
-    loader workers, so every sample of an eval split is seen exactly once; each rank and worker
-    needs at least one shard. The train split is shuffled (shards, then samples in a buffer;
+    loader workers, so every sample of an eval split is seen exactly once. Each rank needs at least
+    one shard; an eval split uses at most as many workers as its rank has shards, while training
+    needs a shard per worker. The train split is shuffled (shards, then samples in a buffer;
     deterministic from ``seed``, different every epoch). With ``epoch_samples`` (or, on several
     ranks, the manifest's sample count) it repeats endlessly and an epoch is a fixed number of
     batches per rank, the same on every rank, so DDP never waits at the end of an epoch.
@@ -74,7 +76,10 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: loader worker processes (0 = load in the main process).
         shuffle_buffer: samples in the train shuffle buffer (0 turns sample shuffling off).
         seed: shuffling seed.
-        max_length: longest text sequence in tokens (see :class:`SampleProcessor`).
+        max_length: longest sequence in tokens, the visual tokens at the finest level included
+            when ``grid`` is given (see :class:`SampleProcessor`).
+        grid: tokens per tile side of the vision tower at full resolution (tile size / patch
+            size), to count the visual tokens; None counts text tokens only.
         epoch_samples: train samples per epoch over all ranks (None = one pass over the shards).
         max_skip_fraction: stop when more than this fraction of a split's samples was skipped.
         shard_sizes: samples per shard url (from the converter's manifests), to count the samples
@@ -84,6 +89,8 @@ class ShardDataModule(L.LightningDataModule):
 
     Attributes:
         skipped: ``Counter`` of skip reasons of this rank (all its workers).
+        unknown: ``Counter`` of ``<unk>`` ids in kept samples of this rank: ``"tokens"`` and
+            ``"samples"`` (both 0 for a byte-fallback tokenizer).
         budget: the :class:`~avglab.data.skips.SkipBudget` (kept/skipped per split).
         processor: the :class:`SampleProcessor`.
     """
@@ -100,6 +107,7 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         max_length: int = 2048,
+        grid: int | None = None,
         epoch_samples: int | None = None,
         max_skip_fraction: float = 0.01,
         shard_sizes: Mapping[str, int] | None = None,
@@ -115,8 +123,11 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"give both rank and world_size, 0 <= rank < world_size: {rank}, {world_size}")
         self.urls = {split: list(paths) for split, paths in urls.items() if paths is not None}
         self.skipped: Counter = Counter()
-        self.budget = SkipBudget(self.skipped, max_skip_fraction, on_update=self._log_skips)
-        self.processor = SampleProcessor(tokenizer, image_processor, template, max_length)
+        self.unknown: Counter = Counter(tokens=0, samples=0)
+        self.budget = SkipBudget(
+            self.skipped, max_skip_fraction, on_update=self._log_skips, unknown=self.unknown
+        )
+        self.processor = SampleProcessor(tokenizer, image_processor, template, max_length, grid=grid)
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before building the data")
@@ -128,6 +139,7 @@ class ShardDataModule(L.LightningDataModule):
         self.epoch_samples = epoch_samples
         self.shard_sizes = dict(shard_sizes or {})
         self.rank, self.world_size = rank, world_size
+        self._lowered: set[str] = set()  # splits whose worker count was lowered (logged once)
 
     def train_dataloader(self) -> wds.WebLoader:
         """Shuffled train batches; exactly ``epoch_samples // (world * batch_size)`` per rank if set."""
@@ -165,18 +177,20 @@ class ShardDataModule(L.LightningDataModule):
         return sum(self.shard_sizes[u] for u in urls)
 
     def teardown(self, stage: str) -> None:
-        """Reports the skipped samples of this rank."""
-        if self.skipped:
-            log.warning("skipped samples: %s", self.budget.summary())
+        """Reports the skipped samples and unknown tokens of this rank."""
+        if self.skipped or self.unknown["tokens"]:
+            log.warning("skipped samples and unknown tokens: %s", self.budget.summary())
 
     def _log_skips(self, split: str) -> None:
-        """Sends a split's skip counts to the Trainer's logger as they arrive."""
+        """Sends a split's skip and unknown-token counts to the Trainer's logger as they arrive."""
         trainer = self.trainer
         if trainer is None or trainer.logger is None:
             return
         stats = self.budget.summary()[split]
         metrics = {f"data/{split}_skipped/{reason}": float(n) for reason, n in stats["reasons"].items()}
         metrics[f"data/{split}_skipped_fraction"] = self.budget.fraction(split)
+        metrics[f"data/{split}_unknown_tokens"] = float(stats["unknown_tokens"])
+        metrics[f"data/{split}_unknown_samples"] = float(stats["unknown_samples"])
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -193,9 +207,12 @@ class ShardDataModule(L.LightningDataModule):
         urls = self._checked_urls(split)
         rank, world = self._rank_world()
         counter: Counter = Counter()  # the worker's own; its counts travel with the batches
+        unknown: Counter = Counter()
         handler = SkipCounter(counter)
         p = self.processor
-        processor = SampleProcessor(p.tokenizer, p.image_processor, p.template, p.max_length, skipped=counter)
+        processor = SampleProcessor(
+            p.tokenizer, p.image_processor, p.template, p.max_length, counter, grid=p.grid, unknown=unknown
+        )
         stages = [
             wds.SimpleShardList(urls),
             partial(split_by_rank, rank=rank, world_size=world),
@@ -211,9 +228,9 @@ class ShardDataModule(L.LightningDataModule):
             wds.decode("pil", handler=handler),
             wds.map(partial(to_model_sample, processor=processor), handler=handler),
             wds.batched(batch_size, collation_fn=collation, partial=True),
-            partial(attach_skips, skipped=counter),
+            partial(attach_skips, skipped=counter, unknown=unknown),
         ]
-        workers = self.num_workers
+        workers = self.workers(split, len(urls), train)
         loader = wds.WebLoader(
             wds.DataPipeline(*stages), batch_size=None, num_workers=workers, persistent_workers=workers > 0
         )
@@ -233,10 +250,36 @@ class ShardDataModule(L.LightningDataModule):
                 f"{len(missing)} {split} shard(s) missing, e.g. {missing[0]}; regenerate or reconvert"
             )
         _, world = self._rank_world()
-        readers = world * max(1, self.num_workers)
-        if len(urls) < readers:
+        if len(urls) < world:
             raise ValueError(
-                f"{split} has {len(urls)} shard(s) but {readers} readers (ranks x workers) each need one: "
-                "write smaller shards or use fewer data.num_workers"
+                f"{split} has {len(urls)} shard(s) but {world} ranks each need one: write smaller shards"
             )
         return urls
+
+    def workers(self, split: str, shards: int, train: bool) -> int:
+        """Loader workers of one split on this rank: ``num_workers``, for evaluation at most one per shard.
+
+        An unshuffled evaluation pass reads each shard once whatever the worker count, so it takes
+        the workers this rank's shards allow (a small benchmark is often a single shard). Training
+        keeps the error instead: every worker shuffles and repeats its own shards, so a silently
+        lower count would change a configured run's sample order and throughput.
+
+        Raises:
+            ValueError: for training with fewer shards than ranks x ``num_workers``.
+        """
+        rank, world = self._rank_world()
+        if train and shards < world * max(1, self.num_workers):  # judged on the total: every rank agrees
+            raise ValueError(
+                f"{split} has {shards} shard(s) but {world} rank(s) x data.num_workers={self.num_workers} "
+                "training readers each need one: convert with smaller shards (--shard-samples) or use fewer "
+                "data.num_workers"
+            )
+        own = len(range(rank, shards, world))  # shards this rank reads (split_by_rank)
+        workers = min(self.num_workers, own)
+        if workers < self.num_workers and split not in self._lowered:
+            self._lowered.add(split)
+            log.info(
+                "%s: %d shard(s) on rank %d, so %d loader worker(s) instead of data.num_workers=%d",
+                split, own, rank, workers, self.num_workers,
+            )  # fmt: skip
+        return workers

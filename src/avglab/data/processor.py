@@ -15,6 +15,7 @@ from transformers import LlavaNextImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from avglab.data.templates import ChatTemplate, Piece, Role, Turn, get_template
+from avglab.model.packing import count_visual_tokens
 
 IMAGE_PLACEHOLDER = "<image>"  # what LLaVA records write, whatever the tokenizer calls it
 IGNORE_INDEX = -100
@@ -155,9 +156,15 @@ class SampleProcessor:
         tokenizer: a Hugging Face tokenizer that has the image token (``<image>``) as one token.
         image_processor: ``LlavaNextImageProcessorPil`` (see :func:`build_image_processor`).
         template: chat template name or object (see ``avglab.data.templates``).
-        max_length: longest text sequence in tokens, the single image placeholder included (the
-            visual tokens spliced in by the model come on top).
+        max_length: longest sequence the LLM reads, in tokens: the text plus the image's visual
+            tokens spliced in at the finest level (global view + unpadded local map + newlines,
+            the most any granularity or route gives), as LLaVA cuts after splicing. Without
+            ``grid`` only text tokens count (the image placeholder as one).
+        grid: tokens per tile side at full resolution (tile size / patch size of the vision
+            tower), to count the visual tokens; None when the geometry is unknown.
         skipped: counter of skip reasons, shared with the caller; a new one if not given.
+        unknown: counter of ``<unk>`` ids in kept samples (``"tokens"``, ``"samples"``), shared
+            with the caller; only a word-level tokenizer produces them (byte fallback never does).
 
     Raises:
         ValueError: if the tokenizer has no single-token image placeholder.
@@ -170,12 +177,16 @@ class SampleProcessor:
         template: str | ChatTemplate = "vicuna_v1",
         max_length: int = 2048,
         skipped: Counter | None = None,
+        grid: int | None = None,
+        unknown: Counter | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.template = get_template(template)
         self.max_length = max_length
+        self.grid = grid
         self.skipped = Counter() if skipped is None else skipped
+        self.unknown = Counter() if unknown is None else unknown
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PLACEHOLDER
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -184,6 +195,7 @@ class SampleProcessor:
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}]}})"
             )
         self.tile_size = tile_size_of(image_processor)
+        self.grid_pinpoints = [list(p) for p in getattr(image_processor, "image_grid_pinpoints", None) or []]
 
     def __call__(self, record: dict, image: Image.Image | None) -> dict | None:
         """Processes one sample.
@@ -200,23 +212,34 @@ class SampleProcessor:
             answer token or the image placeholder (counted in ``skipped``).
 
         Raises:
-            RecordError: on a malformed record.
+            RecordError: on a malformed record, or ``visual_tokens_over_max_length`` when the
+                image's visual tokens alone exceed ``max_length``.
         """
         turns, image_turn = parse_conversation(record, image is not None)
         check_template(self.template, record, turns, image is not None)
         pieces = self.template.render(turns, self.image_token if image is not None else None, image_turn)
         ids, labels, instruction, prompt_len = self.tokenize(pieces)
-        if len(ids) > self.max_length:
+        pixel_values, image_size = self.process_image(image)
+        visual = self.visual_tokens(image_size) if image is not None else 0
+        if visual > self.max_length:
+            raise RecordError(
+                "visual_tokens_over_max_length",
+                f"record {record.get('id', '<no id>')}: its {tuple(image_size.tolist())} image gives "
+                f"{visual} visual tokens at the finest level, more than data.max_length={self.max_length}; "
+                "raise data.max_length (up to the LLM's max_position_embeddings)",
+            )
+        limit = self.max_length - max(visual - 1, 0)  # text ids; the placeholder becomes the visual tokens
+        if len(ids) > limit:
             had_answer = any(label != IGNORE_INDEX for label in labels)
-            ids, labels, instruction = (x[: self.max_length] for x in (ids, labels, instruction))
+            ids, labels, instruction = (x[:limit] for x in (ids, labels, instruction))
             if had_answer and all(label == IGNORE_INDEX for label in labels):
                 self.skipped["truncated_answer"] += 1
                 return None
             if image is not None and self.image_token_id not in ids:
                 self.skipped["truncated_image"] += 1
                 return None
-            prompt_len = min(prompt_len, self.max_length)
-        pixel_values, image_size = self.process_image(image)
+            prompt_len = min(prompt_len, limit)
+        self.count_unknown(ids)
         answers = record.get("answers") or [t.answer for t in turns[-1:] if t.answer is not None]
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -230,6 +253,23 @@ class SampleProcessor:
             "question_type": str(record.get("question_type", "unknown")),
             "answers": [answers] if isinstance(answers, str) else [str(a) for a in answers],
         }
+
+    def visual_tokens(self, image_size: torch.Tensor) -> int:
+        """Tokens the model splices in for an image of ``image_size`` (height, width) at the finest level.
+
+        Without ``grid`` the geometry is unknown and the placeholder counts as one token.
+        """
+        if self.grid is None:
+            return 1
+        return count_visual_tokens(image_size.tolist(), self.grid_pinpoints, self.tile_size, self.grid)
+
+    def count_unknown(self, ids: list[int]) -> None:
+        """Counts the ``<unk>`` ids of a kept sample (words a word-level tokenizer does not know)."""
+        unk = self.tokenizer.unk_token_id
+        found = ids.count(unk) if unk is not None else 0
+        if found:
+            self.unknown["tokens"] += found
+            self.unknown["samples"] += 1
 
     def tokenize(self, pieces: list[Piece]) -> tuple[list[int], list[int], list[bool], int]:
         """Token ids, labels and instruction flags of rendered pieces, and the generation-prompt length.

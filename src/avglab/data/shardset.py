@@ -243,6 +243,31 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def manifest_entries(urls: Iterable[str]) -> dict[str, dict]:
+    """The converter manifest's entry of every local shard path that a ``*.manifest.json`` next to it lists.
+
+    Args:
+        urls: shard paths.
+
+    Returns:
+        ``{url: {"name", "samples", "bytes", "sha256", "start", "end"}}`` for every listed url.
+    """
+    entries: dict[str, dict] = {}
+    folders: dict[Path, dict[str, dict]] = {}
+    for url in urls:
+        folder = Path(url).parent
+        if folder not in folders:
+            folders[folder] = {}
+            for manifest in folder.glob("*.manifest.json"):
+                data = json.loads(manifest.read_text(encoding="utf-8"))
+                if data.get("format") == FORMAT:
+                    folders[folder].update({s["name"]: s for s in data["shards"]})
+        entry = folders[folder].get(Path(url).name)
+        if entry is not None:
+            entries[url] = entry
+    return entries
+
+
 def read_manifests(urls: Iterable[str]) -> dict[str, int]:
     """Samples per shard for the local shard paths whose folder has a converter manifest.
 
@@ -252,17 +277,4 @@ def read_manifests(urls: Iterable[str]) -> dict[str, int]:
     Returns:
         ``{url: samples}`` for every url listed in a ``*.manifest.json`` next to it.
     """
-    sizes: dict[str, int] = {}
-    folders: dict[Path, dict[str, int]] = {}
-    for url in urls:
-        folder = Path(url).parent
-        if folder not in folders:
-            folders[folder] = {}
-            for manifest in folder.glob("*.manifest.json"):
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-                if data.get("format") == FORMAT:
-                    folders[folder].update({s["name"]: s["samples"] for s in data["shards"]})
-        count = folders[folder].get(Path(url).name)
-        if count is not None:
-            sizes[url] = count
-    return sizes
+    return {url: entry["samples"] for url, entry in manifest_entries(urls).items()}

@@ -4,7 +4,9 @@ A loader worker counts every skip by reason in its own ``Counter``; :func:`attac
 new counts along with each batch (and once more at the end of the worker's stream), and
 :class:`SkipBudget` takes them out again in the main process before the batch reaches the model,
 so the batch contract is unchanged and the main process sees every worker's skips. There the
-budget stops the run once more than ``max_fraction`` of a split's samples were skipped.
+budget stops the run once more than ``max_fraction`` of a split's samples were skipped. The
+``<unk>`` ids of kept samples (``"tokens"``, ``"samples"``) travel the same way and are tallied
+beside the skips: counted, logged and reported, never silent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from webdataset.autodecode import DecodingError
 log = logging.getLogger(__name__)
 
 SKIP_KEY = "__skipped__"  # rides on a batch from a worker to the main process and is removed there
+UNKNOWN_KEY = "__unknown__"  # the worker's <unk> counts, likewise
 DATA_ERRORS = (ValueError, KeyError, OSError, tarfile.TarError)
 
 
@@ -116,17 +119,18 @@ def _collect(errors: list[Exception]) -> Callable[[Exception], bool]:
     return handler
 
 
-def attach_skips(batches: Iterable[dict], skipped: Counter) -> Iterator[dict]:
-    """Worker-side stage: puts the skips counted since the last batch on each batch.
+def attach_skips(batches: Iterable[dict], skipped: Counter, unknown: Counter | None = None) -> Iterator[dict]:
+    """Worker-side stage: puts the skips (and ``<unk>`` counts) since the last batch on each batch.
 
     A final batch holding only the counts is sent when the stream ends, so skips after the last
     real batch are not lost.
     """
+    unknown = Counter() if unknown is None else unknown
     for batch in batches:
-        batch[SKIP_KEY] = _take(skipped)
+        batch[SKIP_KEY], batch[UNKNOWN_KEY] = _take(skipped), _take(unknown)
         yield batch
-    if skipped:
-        yield {SKIP_KEY: _take(skipped)}
+    if skipped or unknown:
+        yield {SKIP_KEY: _take(skipped), UNKNOWN_KEY: _take(unknown)}
 
 
 def _take(skipped: Counter) -> dict[str, int]:
@@ -144,7 +148,10 @@ class SkipBudget:
         max_fraction: largest tolerated skipped / (kept + skipped) of a split, in [0, 1].
         min_samples: samples a split must have read before the fraction is judged mid-pass
             (the end of a pass is always judged), so one early bad sample does not stop a run.
-        on_update: called with the split name after new skips arrived (e.g. to log them).
+        on_update: called with the split name after new skips or unknown tokens arrived (e.g. to
+            log them).
+        unknown: counter of ``<unk>`` ids in kept samples over all splits (``"tokens"``,
+            ``"samples"``; ``ShardDataModule.unknown``).
     """
 
     def __init__(
@@ -153,6 +160,7 @@ class SkipBudget:
         max_fraction: float,
         min_samples: int = 200,
         on_update: Callable[[str], None] | None = None,
+        unknown: Counter | None = None,
     ):
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_fraction}")
@@ -163,6 +171,9 @@ class SkipBudget:
         self.kept: Counter = Counter()
         self.dropped: Counter = Counter()
         self.by_split: dict[str, Counter] = {}
+        self.unknown = Counter() if unknown is None else unknown
+        self.unknown_by_split: dict[str, Counter] = {}
+        self._warned_unknown: set[str] = set()
 
     def absorb(self, split: str, items: Iterable[dict]) -> Iterator[dict]:
         """Main-process stage: takes the counts off each batch, checks the budget, yields real batches.
@@ -173,15 +184,18 @@ class SkipBudget:
         """
         batches = 0
         for item in items:
-            counts = item.pop(SKIP_KEY, None)
+            counts, unknown = item.pop(SKIP_KEY, None), item.pop(UNKNOWN_KEY, None)
             self.kept[split] += len(item.get("ids", ()))  # empty: the end-of-stream counts of a worker
             if counts:
                 self.add(split, counts)
+            if unknown:
+                self.add_unknown(split, unknown)
             self.check(split, final=False)
             if item:
                 batches += 1
                 yield item
         self.check(split, final=True)
+        self.warn_unknown(split)
         if not batches:
             reasons = dict(self.by_split.get(split, {}))
             raise ValueError(
@@ -196,6 +210,25 @@ class SkipBudget:
         self.dropped[split] += sum(counts.values())
         if self.on_update is not None:
             self.on_update(split)
+
+    def add_unknown(self, split: str, counts: Mapping[str, int]) -> None:
+        """Adds ``<unk>`` counts (``"tokens"``, ``"samples"``) of ``split``."""
+        self.unknown.update(counts)
+        self.unknown_by_split.setdefault(split, Counter()).update(counts)
+        if self.on_update is not None:
+            self.on_update(split)
+
+    def warn_unknown(self, split: str) -> None:
+        """Logs a split's ``<unk>`` counts once, at the end of the first pass that met any."""
+        unknown = self.unknown_by_split.get(split)
+        if not unknown or split in self._warned_unknown:
+            return
+        self._warned_unknown.add(split)
+        log.warning(
+            "%s: %d token(s) in %d of %d kept samples are <unk>: the word-level tokenizer lacks their "
+            "words (model=tiny builds it from the shards of data=...: is the model run on other data?)",
+            split, unknown["tokens"], unknown["samples"], self.kept[split],
+        )  # fmt: skip
 
     def fraction(self, split: str) -> float:
         """Skipped / read samples of ``split`` so far (0 before any sample)."""
@@ -214,12 +247,14 @@ class SkipBudget:
             )
 
     def summary(self) -> dict[str, dict[str, int | dict[str, int]]]:
-        """Per split: kept, skipped and the skip reasons (this process only)."""
+        """Per split: kept, skipped, the skip reasons and the ``<unk>`` counts (this process only)."""
         return {
             split: {
                 "kept": self.kept[split],
                 "skipped": self.dropped[split],
                 "reasons": dict(self.by_split.get(split, {})),
+                "unknown_tokens": self.unknown_by_split.get(split, Counter())["tokens"],
+                "unknown_samples": self.unknown_by_split.get(split, Counter())["samples"],
             }
-            for split in sorted(set(self.kept) | set(self.by_split))
+            for split in sorted(set(self.kept) | set(self.by_split) | set(self.unknown_by_split))
         }

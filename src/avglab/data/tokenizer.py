@@ -6,11 +6,14 @@ so the tiny model loads it through ``AutoTokenizer.from_pretrained`` exactly lik
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS, IMAGE]  # ids 0..4 in this order
@@ -56,3 +59,35 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str | Path) -> PreTraine
     )
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def cached_word_tokenizer(folder: str | Path, words: Callable[[], Iterable[str]]) -> PreTrainedTokenizerFast:
+    """The word tokenizer saved in ``folder``, built there from ``words()`` first if it is missing.
+
+    ``words`` is only called when the tokenizer has to be built (gathering them may read a whole
+    data set). The tokenizer is written to a temporary folder that is renamed into place, so
+    ranks building it at the same time, or an interrupted build, never leave a half-written one.
+
+    Args:
+        folder: the cache folder, named by a digest of what ``words`` depends on.
+        words: gives the words or texts to cover (see :func:`build_word_tokenizer`).
+
+    Returns:
+        The tokenizer, loaded with ``AutoTokenizer.from_pretrained(folder)``.
+    """
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            build_word_tokenizer(words(), tmp)
+            if folder.exists() and not (folder / "tokenizer.json").exists():
+                shutil.rmtree(folder)  # a build interrupted before this code wrote atomically: redo it
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if not (folder / "tokenizer.json").exists():
+                    raise  # not another process that finished first
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(folder)
