@@ -11,7 +11,8 @@ layer (METHOD 1.2 step 3); the instruction filter before it (step 1) is paramete
 on ``router.k``, so it runs at training time on the cached tensors. One cache therefore serves
 every ``router.k`` (image-only included), ``stage.alpha``, ``stage.rank_weight``, ``tie_eps``,
 ``router.token_cost`` (applied after the cache, :func:`~avglab.model.losses.apply_token_cost`),
-learning rate and seed.
+learning rate and seed. Text-only samples keep their place in shard order but carry no routing
+preference (pitfall 7): they are not scored (feedback NaN) and store no tile and no instruction token.
 
 The key hashes everything the cached tensors depend on: the LMM weights as loaded (all tensors of
 ``core.llava``), the shard contents of the split, sample count, granularities, template, text and
@@ -40,7 +41,7 @@ from avglab.model.core import AvgCore
 from avglab.provenance import shards_digest, state_sha256
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the stored tensors change meaning
+CACHE_VERSION = 2  # bump when the stored tensors change meaning (2: text-only rows NaN, no instruction)
 SCORING_SOURCES = (  # modules whose code decides the cached tensors (their text is part of the key)
     "avglab.feedback_cache",
     "avglab.model.core",
@@ -97,6 +98,7 @@ def cache_spec(core: AvgCore, datamodule, split: str, samples: int) -> dict:
         "granularities": list(core.scaler.granularities),
         "template": getattr(processor.template, "name", str(processor.template)),
         "max_length": processor.max_length,
+        "grid": processor.grid,  # max_length counts the visual tokens of this grid (spliced length)
         "tokenizer_sha256": tokenizer_digest(processor.tokenizer),
         "image_processor": json.loads(image_processor.to_json_string()),
         "dtype": str(next(core.llava.parameters()).dtype),
@@ -111,14 +113,30 @@ def cache_key(spec: dict) -> str:
 
 
 @torch.no_grad()
-def compute_cache(core: AvgCore, batches: Iterator[dict], samples: int) -> tuple[dict, dict]:
+def compute_cache(
+    core: AvgCore,
+    batches: Iterator[dict],
+    samples: int,
+    key: str = "stage.cache_train_samples",
+    skipped: Counter | None = None,
+) -> tuple[dict, dict]:
     """Runs the frozen core over batches until ``samples`` samples are scored.
 
-    One vision pass and one batched LLM pass over all N levels per batch (pitfall 6), exactly
-    what ``RglfStage.feedback`` computes.
+    One vision pass and one batched LLM pass over all N levels of the samples with an image per
+    batch (pitfall 6), exactly what ``RglfStage.feedback`` computes.
+
+    Args:
+        core: the frozen core.
+        batches: collate batches in shard order.
+        samples: samples to cache.
+        key: the config key that asked for ``samples`` (named in the error).
+        skipped: the reader's skip counts (quoted in the error), if known.
 
     Returns:
-        The tensors (see :class:`FeedbackCache`) and JSON facts (ids, question types, skips).
+        The tensors (see :class:`FeedbackCache`) and JSON facts (ids, question types, text-only count).
+
+    Raises:
+        ValueError: the batches ran out before ``samples`` samples; names ``key`` and the count.
     """
     was_training = core.training
     core.eval()
@@ -129,10 +147,11 @@ def compute_cache(core: AvgCore, batches: Iterator[dict], samples: int) -> tuple
         for batch in batches:
             tiles, owner = core.project(batch["pixel_values"], batch["image_sizes"], batch["has_image"])
             encoded = core.pyramid(tiles, owner, batch["has_image"])
-            scores, _, _ = core.all_levels(batch, encoded)  # Eq. 4: (B, N)
+            scores = core.level_feedback(batch, encoded)  # Eq. 4: (B, N), NaN rows for text-only
             tokens = core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu())
             embeds = core.llava.get_input_embeddings()(batch["input_ids"])  # (B, L, C)
-            mask = batch["instruction_mask"].bool()
+            # user tokens only (pitfall 3), and none for text-only samples: the router never reads them
+            mask = batch["instruction_mask"].bool() & batch["has_image"].to(embeds.device)[:, None]
             owner = owner.cpu()
             for b in range(len(batch["input_ids"])):
                 if len(ids) == samples:
@@ -140,7 +159,7 @@ def compute_cache(core: AvgCore, batches: Iterator[dict], samples: int) -> tuple
                 mine = owner == b
                 parts["tiles"].append(tiles[mine].cpu() if tiles is not None else torch.zeros(0))
                 parts["tile_counts"].append(mine.sum().reshape(1))
-                parts["instruction"].append(embeds[b][mask[b]].cpu())  # (Q_b, C) user tokens only
+                parts["instruction"].append(embeds[b][mask[b]].cpu())  # (Q_b, C)
                 parts["instruction_counts"].append(mask[b].sum().reshape(1).cpu())
                 parts["feedback"].append(scores[b : b + 1].float().cpu())
                 parts["tokens"].append(tokens[b : b + 1])
@@ -152,8 +171,10 @@ def compute_cache(core: AvgCore, batches: Iterator[dict], samples: int) -> tuple
     finally:
         core.train(was_training)
     if len(ids) < samples:
+        reasons = f" (skipped while reading: {dict(skipped)})" if skipped else ""
         raise ValueError(
-            f"stage.cache_*_samples={samples}, but the split holds only {len(ids)} usable samples"
+            f"{key}={samples}, but the split gave only {len(ids)} usable samples{reasons}: "
+            f"lower {key} to at most {len(ids)}"
         )
     tiles = [t for t in parts["tiles"] if t.numel()]
     grid, width = core.grid, core.config.text_config.hidden_size
@@ -166,7 +187,8 @@ def compute_cache(core: AvgCore, batches: Iterator[dict], samples: int) -> tuple
         "tokens": torch.cat(parts["tokens"]).long(),
         "has_image": torch.cat(parts["has_image"]).bool(),
     }
-    return {k: v.contiguous() for k, v in tensors.items()}, {"ids": ids, "question_types": types}
+    facts = {"ids": ids, "question_types": types, "text_only": int((~tensors["has_image"]).sum())}
+    return {k: v.contiguous() for k, v in tensors.items()}, facts
 
 
 class FeedbackCache(torch.utils.data.Dataset):
@@ -175,9 +197,10 @@ class FeedbackCache(torch.utils.data.Dataset):
     Attributes:
         tiles: (T_total, C, grid, grid) finest projected tiles of every sample.
         tile_counts: (S,) tiles per sample (0 without an image).
-        instruction: (Q_total, C) instruction token embeddings of every sample.
-        instruction_counts: (S,) instruction tokens per sample.
-        feedback: (S, N) frozen-LMM answer scores r (Eq. 4), before any token cost.
+        instruction: (Q_total, C) instruction token embeddings of every sample with an image.
+        instruction_counts: (S,) instruction tokens per sample (0 without an image).
+        feedback: (S, N) frozen-LMM answer scores r (Eq. 4), before any token cost; NaN rows for
+            text-only samples and samples without answer tokens.
         tokens: (S, N) visual tokens each level feeds the LLM.
         has_image: (S,).
         meta: the spec and ids of the cached samples.
@@ -279,6 +302,11 @@ def load_or_build(root: Path, spec: dict, build) -> tuple[FeedbackCache, bool]:
         raise
     log.info("feedback cache %s: %d samples in %.1f s", folder, len(facts["ids"]), facts["build_seconds"])
     return FeedbackCache(tensors, {**facts, "spec": spec}), True
+
+
+def unknown_counts(meta: dict) -> Counter:
+    """The ``<unk>`` tokens and samples the reader counted while the cache was built."""
+    return Counter(meta.get("unknown", {}))
 
 
 def skipped_counts(meta: dict) -> Counter:

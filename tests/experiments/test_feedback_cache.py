@@ -44,7 +44,7 @@ def fake_datamodule(tmp_path, image_processor, content=b"shard"):
     shard = tmp_path / "train-00000.tar"
     shard.write_bytes(content)
     processor = SimpleNamespace(
-        tokenizer=FakeTokenizer(), image_processor=image_processor, template="vicuna_v1", max_length=64
+        tokenizer=FakeTokenizer(), image_processor=image_processor, template="vicuna_v1", max_length=64, grid=8
     )
     return SimpleNamespace(urls={"train": [str(shard)]}, processor=processor)
 
@@ -103,6 +103,9 @@ def test_cache_key_changes_with_weights_data_granularities_and_code(
     dm.processor.template = "llama_3"
     assert fc.cache_key(fc.cache_spec(routed_core, dm, "train", 8)) != key
     dm.processor.template = "vicuna_v1"
+    dm.processor.grid = 12  # another model geometry: max_length cuts other samples
+    assert fc.cache_key(fc.cache_spec(routed_core, dm, "train", 8)) != key
+    dm.processor.grid = 8
     monkeypatch.setattr(fc, "CACHE_VERSION", fc.CACHE_VERSION + 1)  # scoring code changed
     assert fc.cache_key(fc.cache_spec(routed_core, dm, "train", 8)) != key
 

@@ -36,6 +36,24 @@ class Encoded:
     tile_owner: torch.Tensor
     has_image: torch.Tensor
 
+    def rows(self, rows: torch.Tensor) -> Encoded:
+        """The pyramid of the samples ``rows`` (ascending (R,) indices), renumbered 0..R-1."""
+        owner = self.tile_owner
+        renumber = torch.full((len(self.has_image),), -1, dtype=torch.long, device=owner.device)
+        renumber[rows.to(owner.device)] = torch.arange(len(rows), device=owner.device)
+        kept = renumber[owner]
+        keep = kept >= 0
+        return Encoded([lvl[keep.to(lvl.device)] for lvl in self.levels], kept[keep], self.has_image[rows])
+
+
+def batch_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The samples ``rows`` of a collate batch: every tensor and list indexed on its batch axis."""
+    index = rows.tolist()
+    return {
+        k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in index]
+        for k, v in batch.items()
+    }
+
 
 @dataclass
 class CoreOutput:
@@ -389,3 +407,28 @@ class AvgCore(nn.Module):
         )
         mean, count, loss = self.score(spliced)
         return mean.view(batch_size, n), count.view(batch_size, n)[:, 0], loss
+
+    def level_feedback(self, batch: dict, encoded: Encoded) -> torch.Tensor:
+        """RGLF's feedback r (Eq. 4) of the samples with an image, scored in one ``all_levels`` pass.
+
+        A text-only sample sees the same sequence at every level, so its N scores tie and carry no
+        preference (pitfall 7). It is not scored at all (its N identical LLM passes would be wasted,
+        and rounding in packed rows could even break the tie): its row is NaN, "no feedback", which
+        ``rglf_loss`` leaves out of both terms like a sample without answer tokens.
+
+        Args:
+            batch: the collate contract (labels required).
+            encoded: ``encode`` of the whole batch.
+
+        Returns:
+            (B, N) mean answer log-probabilities, NaN rows for text-only samples (and for samples
+            without answer tokens).
+        """
+        has_image = encoded.has_image.cpu()
+        shape = (len(has_image), self.scaler.num_levels)
+        feedback = torch.full(shape, float("nan"), device=self.llava.device)
+        if has_image.any():
+            rows = has_image.nonzero()[:, 0]
+            scores, _, _ = self.all_levels(batch_rows(batch, rows), encoded.rows(rows))
+            feedback[rows.to(feedback.device)] = scores.to(feedback.dtype)
+        return feedback

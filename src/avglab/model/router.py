@@ -112,8 +112,11 @@ class GranularityRouter(nn.Module):
 
         Returns:
             (B, N) logits: Z_final = W Z_out per tile, averaged over the tiles of each image.
-            Samples without an image get zeros (a uniform distribution).
+            Samples without an image get zeros (a uniform distribution); so does a batch without
+            any image (see :meth:`no_tile_logits`).
         """
+        if not inputs.levels or not len(inputs.tile_owner):
+            return self.no_tile_logits(inputs.batch_size)
         tokens = [lvl.flatten(2).transpose(1, 2) for lvl in inputs.levels]  # each (T, n_l, C)
         visual = torch.cat(tokens, dim=1)  # (T, sum n_l, C)
         valid = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
@@ -128,6 +131,17 @@ class GranularityRouter(nn.Module):
         token_logits = self.mlp(hidden) * valid[..., None]  # Z_out (T, L, N); padding votes nothing
         tile_logits = torch.einsum("l,tln->tn", self.voter.to(token_logits.dtype), token_logits)
         return average_per_sample(tile_logits, inputs.tile_owner, inputs.batch_size)
+
+    def no_tile_logits(self, batch_size: int) -> torch.Tensor:
+        """(B, N) zero logits for a batch without any image, still a graph over every router parameter.
+
+        Text-only samples carry no routing preference (pitfall 7), so a stage-4 step on a
+        text-only micro-batch has an exact zero loss; through this graph its backward still gives
+        every router parameter a (zero) gradient, so DDP with ``find_unused_parameters=false``
+        reduces all its buckets on every rank, with or without gradient accumulation.
+        """
+        anchor = sum(p.sum() for p in self.parameters()) * 0.0
+        return anchor.new_zeros(batch_size, self.num_levels) + anchor
 
 
 def average_per_sample(tile_values: torch.Tensor, owner: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from avglab.sharding import apply_fsdp2, is_sharded
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "projector", "newline", "llm", "router")
+IMAGE_PARTS = ("vision", "projector", "newline", "router")  # parts a text-only sample never reaches
 UPSTREAM = {"projector": ("vision",), "llm": ("vision", "projector", "newline")}  # parts feeding a part
 
 
@@ -174,3 +175,65 @@ class StageModule(L.LightningModule):
     def batch_size(self, batch: dict) -> int:
         """Samples in a batch (for Lightning's logging)."""
         return len(batch["input_ids"])
+
+    def keep_in_graph(self, loss: torch.Tensor, batch: dict, parts: tuple[str, ...] = ()) -> torch.Tensor:
+        """``loss`` plus an exact 0 over the trained parameters this micro-batch may not reach.
+
+        A micro-batch without any image (text-only records are part of the LLaVA mix) never runs
+        the image path, and ``parts`` name others the caller knows went unused. Under DDP with
+        ``find_unused_parameters=false`` a parameter without a gradient stalls the reducer; a
+        returned None would skip the step on one rank only. The zero term gives each such parameter
+        a zero gradient instead (the same loss value, accumulation unchanged). Sharded strategies
+        hold only shards outside a unit's forward: they get the loss unchanged (and
+        :meth:`check_lockstep` stops them before such a micro-batch).
+
+        Args:
+            loss: the step's scalar loss.
+            batch: the micro-batch (``has_image`` (B,)).
+            parts: parts to connect even when the batch has an image.
+        """
+        if not bool(batch["has_image"].any()):
+            parts = (*parts, *IMAGE_PARTS)
+        parts = tuple(p for p in dict.fromkeys(parts) if p in self.stage.train)
+        if not parts or self.parameters_sharded():
+            return loss
+        params = [p for part in parts for p in part_parameters(self.core, part) if p.requires_grad]
+        return loss + sum(p.sum() for p in params) * 0.0
+
+    def parameters_sharded(self) -> bool:
+        """Whether the trainer's strategy shards parameters (FSDP, FSDP2, DeepSpeed ZeRO-3)."""
+        if self._trainer is None:
+            return False
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            return strategy.zero_stage_3
+        return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    def check_lockstep(self, batch: dict) -> None:
+        """Fails, naming the fix, on a micro-batch without images under a sharded strategy on 2+ ranks.
+
+        Sharded units gather their parameters in collectives that every rank must enter in the
+        same order; a rank whose micro-batch has no image skips the vision layers (and stage 4's
+        LLM scoring), so the ranks' collectives no longer match (a size mismatch or a hang).
+
+        Raises:
+            RuntimeError: such a micro-batch under FSDP, FSDP2 or DeepSpeed ZeRO-3 on several ranks.
+        """
+        if "pixel_values" not in batch or bool(batch["has_image"].any()):
+            return
+        if self._trainer is None or self.trainer.world_size < 2 or not self.parameters_sharded():
+            return
+        raise RuntimeError(
+            f"stage={self.stage.name}: a micro-batch of {len(batch['has_image'])} text-only samples on rank "
+            f"{self.global_rank} under a sharded strategy would desynchronise the ranks (the vision layers "
+            "do not run without an image); use strategy=ddp, a larger stage.batch_size, or data without "
+            "text-only records"
+        )
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self.check_lockstep(batch)
+
+    def on_validation_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_lockstep(batch)

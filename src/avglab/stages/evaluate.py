@@ -165,6 +165,7 @@ class EvalStage(L.LightningModule):
                     "prediction": prediction,
                     "answers": batch["answers"][i],
                     "correct": exact_match(prediction, batch["answers"][i]),
+                    "has_image": has_image,  # text-only: answered, never routed (level -1, 0 tokens)
                     "level": int(levels[i]) if has_image else -1,
                     "granularity": core.scaler.granularities[int(levels[i])] if has_image else 0,
                     "visual_tokens": 0 if visual[i] is None else len(visual[i]),
@@ -185,6 +186,7 @@ class EvalStage(L.LightningModule):
             f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"],
             f"eval/{name}/visual_tokens_per_grid_mean": m["visual_tokens_per_grid_mean"],
             f"eval/{name}/visual_tokens_equivalent_mean": m["visual_tokens_equivalent_mean"],
+            f"eval/{name}/text_only_samples": m["text_only_samples"],
         }
         out.update({f"eval/{name}/{bench['metric']}_{k}": v for k, v in bench["components"].items()})
         out.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
@@ -219,6 +221,16 @@ class EvalStage(L.LightningModule):
 
     # --- end of the in-LLM pruning addition ---
 
+    @staticmethod
+    def add_text_only_counts(results: dict[str, dict], records: dict[str, list[dict]]) -> None:
+        """``text_only_samples`` for every mode: answered and scored, but in no routing histogram.
+
+        Text-only samples carry no routing preference (pitfall 7); ``summarize`` counts them in
+        ``samples`` and the accuracies, and leaves them (level -1) out of the granularity histograms.
+        """
+        for name, recs in records.items():
+            results[name]["text_only_samples"] = sum(not r["has_image"] for r in recs)
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         for name, level in self.modes:
             records = self.answer(batch, level)
@@ -251,6 +263,7 @@ class EvalStage(L.LightningModule):
         granularities = self.core.scaler.granularities
         self.results = {name: summarize(recs, granularities) for name, recs in self.records.items()}
         self.add_equivalent_means(self.results, self.records)
+        self.add_text_only_counts(self.results, self.records)
         for name, recs in self.records.items():
             self.results[name]["benchmark"] = benchmark_score(self.metric, recs)
         main = dict(self.results[self.selector_name])

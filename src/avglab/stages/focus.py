@@ -39,8 +39,12 @@ class FocusStage(StageModule):
             for name, value in zip(vision.branch_names, share.tolist(), strict=True):
                 self.log(f"{split}/branch_share_{name}", value, batch_size=size)
 
-    def focus_step(self, batch: dict, split: str) -> torch.Tensor:
-        """Answer CE + balance loss on one batch."""
+    def focus_step(self, batch: dict, split: str) -> tuple[torch.Tensor, FocusOutput]:
+        """Answer CE + balance loss on one batch.
+
+        Text-only samples get the answer CE like any other; they have no regions, so they add
+        nothing to the balance loss or the branch shares (a batch without regions: balance 0).
+        """
         out = self.core(batch)
         loss = out.loss + out.balance_loss
         size = self.batch_size(batch)
@@ -48,10 +52,13 @@ class FocusStage(StageModule):
         self.log(f"{split}/loss_ce", out.loss, batch_size=size)
         self.log(f"{split}/loss_balance", out.balance_loss, batch_size=size)
         self.log_focus(out, split, size)
-        return loss
+        return loss, out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.focus_step(batch, "train")
+        loss, out = self.focus_step(batch, "train")
+        # No region in the batch (text-only or single-tile images): the selector saw nothing.
+        idle = out.vision is None or not len(out.vision.choice)
+        return self.keep_in_graph(loss, batch, ("router",) if idle else ())
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.focus_step(batch, "val")

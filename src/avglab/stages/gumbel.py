@@ -61,12 +61,18 @@ class GumbelStage(StageModule):
         super().__init__(core, stage)
         if stage.tau <= 0:
             raise ValueError(f"stage.tau={stage.tau}: the Gumbel-Softmax temperature must be > 0")
+        self.text_only = 0  # text-only training samples so far (not routed)
 
     def gated_forward(self, batch: dict, hard: bool | None = None) -> dict:
         """One vision pass (no grad), router, Gumbel selection, one LLM pass with gated tokens.
 
+        Text-only samples get the answer CE through the frozen LMM like any other but no
+        granularity (level -1, no gate); without any image the router still runs (zero logits over
+        its parameters, ``GranularityRouter.no_tile_logits``) and the step's loss does not depend on it.
+
         Returns:
-            loss (answer CE, token mean), levels (B,), weights (B, N), tokens (B,) visual tokens.
+            loss (answer CE, token mean), levels (B,) (-1 without image), weights (B, N), tokens (B,)
+            visual tokens.
         """
         core = self.core
         with torch.no_grad():  # frozen vision tower and projector (pitfall 6: one vision pass)
@@ -80,20 +86,28 @@ class GumbelStage(StageModule):
         spliced = core.splice(batch["input_ids"], batch["attention_mask"], gated, batch["labels"])
         _, _, loss = core.score(spliced)
         tokens = torch.tensor([0 if v is None else len(v) for v in visual], dtype=torch.float)
+        levels = torch.where(batch["has_image"].cpu(), levels, torch.full_like(levels, -1))
         return {"loss": loss, "levels": levels, "weights": weights, "tokens": tokens}
 
     def step(self, batch: dict, split: str) -> torch.Tensor:
+        """Answer CE through the gated tokens; routing shares and tokens over the samples with an image."""
         out = self.gated_forward(batch)
         size = self.batch_size(batch)
         self.log(f"{split}/loss", out["loss"], prog_bar=True, batch_size=size)
-        self.log(f"{split}/visual_tokens_routed_mean", out["tokens"].mean(), batch_size=size)
-        for level, g in enumerate(self.core.scaler.granularities):
-            share = (out["levels"] == level).float().mean()
-            self.log(f"{split}/router_share_{g}", share, batch_size=size)
+        routed = out["levels"] >= 0  # text-only samples carry no routing preference (pitfall 7)
+        if split == "train":
+            self.text_only += int((~routed).sum())
+            self.log("train/text_only_total", float(self.text_only), batch_size=size)
+        if routed.any():
+            count = int(routed.sum())
+            self.log(f"{split}/visual_tokens_routed_mean", out["tokens"][routed].mean(), batch_size=count)
+            for level, g in enumerate(self.core.scaler.granularities):
+                share = (out["levels"][routed] == level).float().mean()
+                self.log(f"{split}/router_share_{g}", share, batch_size=count)
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.step(batch, "train")
+        return self.keep_in_graph(self.step(batch, "train"), batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.step(batch, "val")

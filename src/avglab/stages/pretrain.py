@@ -19,7 +19,7 @@ class PretrainStage(StageModule):
         return out.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.finest_loss(batch, "train")
+        return self.keep_in_graph(self.finest_loss(batch, "train"), batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.finest_loss(batch, "val")

@@ -5,7 +5,8 @@ first run with a given (LMM weights, data, granularities, ...) computes the cach
 (:mod:`avglab.feedback_cache`); every later run, e.g. each member of a ``router.k`` or
 ``stage.alpha`` sweep, trains the router only: no vision tower, no LLM, no image decoding.
 The cache holds the first ``stage.cache_train_samples`` training samples in shard order (and
-``stage.cache_val_samples`` validation samples), reshuffled every epoch with ``seed``.
+``stage.cache_val_samples`` validation samples), reshuffled every epoch with ``seed``. A request
+beyond the sample count of the shards' manifests fails before anything is scored.
 """
 
 from __future__ import annotations
@@ -17,12 +18,41 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from avglab.feedback_cache import FeedbackCache, cache_spec, compute_cache, load_or_build, skipped_counts
+from avglab.feedback_cache import (
+    FeedbackCache,
+    cache_spec,
+    compute_cache,
+    load_or_build,
+    skipped_counts,
+    unknown_counts,
+)
 from avglab.model.core import AvgCore
 from avglab.model.router import RouterInput
 from avglab.stages.rglf import RglfStage
 
 log = logging.getLogger(__name__)
+
+
+def check_split_size(datamodule, split: str, samples: int) -> None:
+    """Fails before any scoring when the split's shard manifests hold fewer than ``samples`` samples.
+
+    Args:
+        datamodule: the run's ``ShardDataModule`` (its ``split_size`` reads the converter manifests;
+            None when a shard has none, and then only scoring can tell).
+        split: "train" or "val".
+        samples: ``stage.cache_<split>_samples``.
+
+    Raises:
+        ValueError: naming ``stage.cache_<split>_samples``, the count found and the fix.
+    """
+    size_of = getattr(datamodule, "split_size", None)
+    size = size_of(split) if samples and size_of is not None else None
+    if size is not None and size < samples:
+        key = f"stage.cache_{split}_samples"
+        raise ValueError(
+            f"{key}={samples}, but the {split} shards hold only {size} samples (their manifests): "
+            f"lower {key} to at most {size} (fewer if samples are skipped while reading)"
+        )
 
 
 class FeedbackCacheDataModule(L.LightningDataModule):
@@ -34,14 +64,22 @@ class FeedbackCacheDataModule(L.LightningDataModule):
         batch_size: samples per batch.
         seed: shuffling seed of the training order (a new order every epoch).
         skipped: skip reasons met while the cache was built (reported as the run's skips).
+        unknown: ``<unk>`` tokens and samples counted while the cache was built (reported as the run's).
     """
 
     def __init__(
-        self, train: FeedbackCache, val: FeedbackCache | None, batch_size: int, seed: int, skipped=None
+        self,
+        train: FeedbackCache,
+        val: FeedbackCache | None,
+        batch_size: int,
+        seed: int,
+        skipped=None,
+        unknown=None,
     ):
         super().__init__()
         self.train, self.val, self.batch_size, self.seed = train, val, batch_size, seed
         self.skipped = skipped if skipped is not None else {}
+        self.unknown = unknown if unknown is not None else {}
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
@@ -89,12 +127,14 @@ class CachedRglfStage(RglfStage):
             )
         root = Path(self.stage.cache_dir or Path(cfg.workspace) / "cache" / "feedback")
         batch = self.stage.cache_batch_size or datamodule.batch_size
+        wanted = {"train": self.stage.cache_train_samples, "val": self.stage.cache_val_samples}
+        if not datamodule.urls.get("val"):
+            wanted["val"] = 0
+        for split, samples in wanted.items():  # both splits before any scoring
+            check_split_size(datamodule, split, samples)
         caches = {}
-        for split, samples in (
-            ("train", self.stage.cache_train_samples),
-            ("val", self.stage.cache_val_samples),
-        ):
-            if not samples or (split == "val" and not datamodule.urls.get("val")):
+        for split, samples in wanted.items():
+            if not samples:
                 caches[split] = None
                 continue
             spec = cache_spec(self.core, datamodule, split, samples)
@@ -108,12 +148,21 @@ class CachedRglfStage(RglfStage):
             )
             log.info("%s feedback cache for %s (%s)", "built" if built else "reused", split, init)
         train = caches["train"]
+        text_only = int((~train.has_image).sum())
+        if text_only:
+            log.warning(
+                "%d of the %d cached train samples are text-only: no routing preference (pitfall 7), "
+                "they add nothing to the RGLF loss",
+                text_only,
+                len(train),
+            )
         return FeedbackCacheDataModule(
             train,
             caches["val"],
             self.stage.batch_size or datamodule.batch_size,
             cfg.seed,
             skipped_counts(train.meta),
+            unknown_counts(train.meta),
         )
 
     def build(self, datamodule, split: str, samples: int, batch_size: int) -> tuple[dict, dict]:
@@ -131,13 +180,18 @@ class CachedRglfStage(RglfStage):
             num_workers=datamodule.num_workers,
             seed=datamodule.seed,
             max_length=p.max_length,
+            grid=p.grid,  # the same spliced-length cut as training
             max_skip_fraction=datamodule.budget.max_fraction,
             shard_sizes=datamodule.shard_sizes,
             rank=0,
             world_size=1,
         )
-        tensors, facts = compute_cache(self.core, iter(reader.test_dataloader()), samples)
+        key = f"stage.cache_{split}_samples"
+        tensors, facts = compute_cache(
+            self.core, iter(reader.test_dataloader()), samples, key=key, skipped=reader.skipped
+        )
         facts["skipped"] = dict(reader.skipped)
+        facts["unknown"] = dict(reader.unknown)
         return tensors, facts
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -147,9 +201,14 @@ class CachedRglfStage(RglfStage):
         return super().training_step(batch, batch_idx)
 
     def routed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits from cached inputs; cached feedback after ``stage.token_cost``."""
+        """Router logits from cached inputs; cached feedback after ``stage.token_cost``.
+
+        A batch of text-only samples has no tile: the router then gives zero logits that still
+        depend on its parameters, as in ``stage=rglf``.
+        """
         owner = batch["tile_owner"].to(self.device)
-        encoded = self.core.pyramid(batch["tiles"].to(self.device), owner, batch["has_image"])
+        tiles = batch["tiles"].to(self.device) if len(batch["tiles"]) else None
+        encoded = self.core.pyramid(tiles, owner, batch["has_image"])
         inputs = RouterInput(
             encoded.levels, owner, batch["instruction"], batch["instruction_mask"], len(batch["feedback"])
         )
