@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from avglab.core.builders import tiny_llava
 from avglab.data.collate import collate
 from avglab.data.processor import SampleProcessor, build_image_processor
 from avglab.data.templates import get_template
 from avglab.data.tokenizer import build_word_tokenizer
-from avglab.model.builders import tiny_llava
 
 LEVELS = [4, 8, 16, 32, 64]  # a 64-pixel tile of 8-pixel patches: an 8x8 grid
 IMAGE_SIZES = [(64, 128), (128, 128), (128, 64), (64, 64)]  # (height, width): 3, 5, 3 and 1 tiles

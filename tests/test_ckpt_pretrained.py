@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from stage_config import compose_config, compose_stage
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from avglab.build import build_core, synth_config
-from avglab.data.synth import synth_vocabulary
-from avglab.export import load_pretrained
-from avglab.export import main as export_main
-from avglab.model.hub import CheckpointNotFoundError
-from avglab.model.tiny_checkpoint import TINY_OVERRIDES, write_tiny_checkpoint
+from avglab.core.hub import CheckpointNotFoundError
+from avglab.core.tiny_checkpoint import TINY_OVERRIDES, write_tiny_checkpoint
+from avglab.data.synth.generator import synth_vocabulary
 from avglab.run import run
+from avglab.tools.export import load_pretrained
+from avglab.tools.export import main as export_main
+from avglab.training.build import build_core, synth_config
 
 FAST = [
     "data.synth.n_train=24",
@@ -87,7 +87,7 @@ def test_router_is_fresh_unless_a_router_checkpoint_is_given(chain):
     }
     _, _, fresh = build_core(make_cfg(ws, checkpoint, "rglf"))
     assert any(not torch.equal(fresh.selector.state_dict()[k], v) for k, v in trained.items())
-    from avglab.model.weights import load_router
+    from avglab.core.weights import load_router
 
     assert load_router(fresh, ws / "runs" / "rglf" / "model") == len(trained)
     assert all(torch.equal(fresh.selector.state_dict()[k], v) for k, v in trained.items())
@@ -124,7 +124,7 @@ def test_exported_folder_runs_through_hydra_with_its_router(chain, tmp_path):
     assert metrics["samples"] == 2
     saved = load_file(str(ws / "runs" / "rglf" / "model" / "core.safetensors"))
     _, _, core = build_core(cfg)
-    from avglab.model.weights import load_router
+    from avglab.core.weights import load_router
 
     load_router(core, out)
     assert all(torch.equal(core.state_dict()[k], v) for k, v in saved.items())

@@ -24,11 +24,11 @@ from safetensors.torch import load_file, save_file
 from stage_config import compose_stage
 from torch.utils.data import DataLoader, IterableDataset
 
-from avglab.build import build_core, synth_config
+from avglab.core.weights import full_core_state
 from avglab.data.datamodule import ShardDataModule
-from avglab.data.synth import ensure_synth_shards
-from avglab.model.weights import full_core_state
+from avglab.data.synth.generator import ensure_synth_shards
 from avglab.run import build_trainer, run
+from avglab.training.build import build_core, synth_config
 
 DATA = [
     "data.synth.n_train=100",  # 2 shards: one per rank

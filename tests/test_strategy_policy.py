@@ -11,11 +11,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from stage_config import compose_run
 
-from avglab.batching import accumulation_steps, apply_global_batch
-from avglab.build import build_core
-from avglab.memory_estimate import LayerCost, activation_gb, parameter_counts
-from avglab.model.builders import tiny_llava
-from avglab.strategies import FSDP2Strategy, check_strategy, transformer_layers
+from avglab.core.builders import tiny_llava
+from avglab.stages.sharding import transformer_layers
+from avglab.tools.memory_estimate import LayerCost, activation_gb, parameter_counts
+from avglab.training.build import build_core
+from avglab.training.global_batch import accumulation_steps, apply_global_batch
+from avglab.training.strategies import FSDP2Strategy, check_strategy
 
 SMALL = ["data.synth.n_train=8", "data.synth.n_val=4", "data.synth.n_test=2", "router.k=4"]
 
@@ -56,7 +57,7 @@ def test_deepspeed_config_builds_zero_stages(tmp_path, stage):
 
 
 def test_deepspeed_missing_says_how_to_install(monkeypatch):
-    from avglab import strategies
+    from avglab.training import strategies
 
     monkeypatch.setattr(strategies.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install 'avglab\\[deepspeed\\]'"):
@@ -151,7 +152,7 @@ def test_untrained_vision_parameters_are_exactly_those_without_gradient(tmp_path
 
 
 def make_batch(module, size=1):
-    from avglab.build import build_datamodule
+    from avglab.training.build import build_datamodule
 
     data = build_datamodule(*module.data, eval_batch_size=size)
     data.rank, data.world_size = 0, 1
@@ -160,7 +161,7 @@ def make_batch(module, size=1):
 
 # ----------------------------------------------------------------- switches
 def test_gradient_checkpointing_and_attention_switches_keep_the_numbers(tmp_path):
-    from avglab.memory_estimate import saved_bytes
+    from avglab.tools.memory_estimate import saved_bytes
 
     results = {}
     for name, overrides in {
@@ -198,7 +199,7 @@ def test_stage_one_recomputes_the_frozen_llm_under_checkpointing(tmp_path):
 
 # ----------------------------------------------------------------- memory
 def test_stage3_runs_vision_once_and_one_batched_llm_pass(tmp_path):
-    from avglab.memory import measure_stage
+    from avglab.tools.memory import measure_stage
 
     stage3 = measure_stage("multigran", tmp_path, batch=2, steps=1)
     stage2 = measure_stage("instruct", tmp_path, batch=2, steps=1)

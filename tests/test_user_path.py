@@ -2,7 +2,7 @@
 
 The path a researcher takes off the embedded default: ``python -m avglab.data.convert`` on their JSON
 (images of several sizes, multi-turn, text-only, bad records), then ``data=shards data.root=<out>``
-for pretrain, instruct, multigran, rglf, rglf_cached, focus and eval, and ``python -m avglab.export``
+for pretrain, instruct, multigran, rglf, rglf_cached, focus and eval, and ``python -m avglab.tools.export``
 - once with ``model=tiny`` (its tokenizer built from the shards) and once with a checkpoint folder
 (``model=llava_next_vicuna_7b model.path=...``). Each config is composed exactly as the CLI composes
 it and handed to ``run``; one evaluation goes through ``python -m avglab`` itself.
@@ -20,10 +20,10 @@ from stage_config import compose_stage
 from transformers import LlavaNextForConditionalGeneration
 from userdata import user_llava_shards  # noqa: F401 - the session fixture
 
+from avglab.core.tiny_checkpoint import TINY_OVERRIDES, write_tiny_checkpoint
 from avglab.data.vocabulary import shard_vocabulary
-from avglab.export import main as export_main
-from avglab.model.tiny_checkpoint import TINY_OVERRIDES, write_tiny_checkpoint
 from avglab.run import run
+from avglab.tools.export import main as export_main
 
 FEW_STEPS = [
     "data.batch_size=4",

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from transformers import LlavaNextImageProcessorPil
 
-from avglab.model.builders import tiny_llava
-from avglab.model.core import AvgCore
-from avglab.model.router import GranularityRouter
+from avglab.avg.router import GranularityRouter
+from avglab.core.builders import tiny_llava
+from avglab.core.model import AvgCore
 
 VOCAB, IMAGE_ID, PAD_ID = 60, 5, 0
 LEVELS = [4, 8, 16, 32, 64]

@@ -15,4 +15,4 @@ echo "table 4 + k + alpha: $(( $(date +%s) - start )) s" | tee "$OUT/timing.txt"
 python -m avglab -m experiment=ablations stage=rglf_cached router.token_cost=0,0.01,0.02,0.035,0.05,0.07 "$@" \
     hydra.sweep.dir="$OUT/token_cost"
 echo "with the token-cost sweep: $(( $(date +%s) - start )) s" | tee -a "$OUT/timing.txt"
-python -m avglab.report "$OUT/table4" "$OUT/k" "$OUT/alpha" "$OUT/token_cost" --out experiments/ablations
+python -m avglab.tools.report "$OUT/table4" "$OUT/k" "$OUT/alpha" "$OUT/token_cost" --out experiments/ablations

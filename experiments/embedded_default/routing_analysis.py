@@ -28,8 +28,8 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file
 
-from avglab.model.losses import apply_token_cost, rglf_loss
-from avglab.provenance import tensors_sha256
+from avglab.avg.losses import apply_token_cost, rglf_loss
+from avglab.core.provenance import tensors_sha256
 
 
 def question_kinds(workspace: Path, split: str) -> dict[str, str]:
@@ -80,7 +80,7 @@ def per_kind_optimum(feedback: torch.Tensor, alpha: float, steps: int = 400) -> 
 def train_cache_of(workspace: Path, metrics: dict) -> Path:
     """The stage-4 train cache scored by the evaluated model's base (stage-3) weights at its granularities.
 
-    Caches record ``llava_sha256`` (``avglab.provenance.state_sha256`` of the LLaVA-NeXT part); the
+    Caches record ``llava_sha256`` (``avglab.core.provenance.state_sha256`` of the LLaVA-NeXT part); the
     evaluation records its base checkpoint's folder, whose ``core.safetensors`` gives the same hash.
     """
     base = Path(metrics["fingerprint"]["base_checkpoint"]["path"])

@@ -14,14 +14,14 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from avglab.batching import apply_global_batch
-from avglab.build import build_core, build_datamodule, saved_tokenizer
-from avglab.eval_after import eval_after_config
-from avglab.model.weights import full_core_state, load_core, load_router, save_core
-from avglab.provenance import base_checkpoint, data_digest
+from avglab.core.provenance import base_checkpoint, data_digest
+from avglab.core.weights import full_core_state, load_core, load_router, save_core
 from avglab.stages.averaging import TrainableEMA
 from avglab.stages.evaluate import EvalStage
-from avglab.strategies import check_strategy
+from avglab.training.build import build_core, build_datamodule, saved_tokenizer
+from avglab.training.eval_after import eval_after_config
+from avglab.training.global_batch import apply_global_batch
+from avglab.training.strategies import check_strategy
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def run(cfg: DictConfig) -> dict:
     check_selector_loaded(cfg, core, init, load_weights(cfg, core, init))
     prints = fingerprint(cfg, init)
     if cfg.stage.name == "bench":  # timing only: no data module, no trainer
-        from avglab.bench.runner import run_bench
+        from avglab.tools.bench.runner import run_bench
 
         return run_bench(cfg, core, tokenizer, image_processor, run_dir, prints)
     datamodule = build_datamodule(
@@ -249,7 +249,7 @@ def fit(cfg: DictConfig, core, trainer: L.Trainer, datamodule, init: Path | None
 def write_stage_output(cfg: DictConfig, core, tokenizer, state: dict, run_dir: Path, meta: dict) -> Path:
     """Saves ``<run dir>/model`` (weights, tokenizer, resolved config); publishes it when this run should."""
     out = save_core(core, run_dir / "model", meta, state)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.export` rebuilds
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)  # what `python -m avglab.tools.export` rebuilds
     tokenizer.save_pretrained(str(out))  # a tiny model's word ids travel with its weights (saved_tokenizer)
     stage = cfg.stage.name
     if publishes_stage_output(cfg):  # the next stage's default start (stage.previous)

@@ -7,7 +7,8 @@ from data_llava_helpers import llava_records, write_llava_source
 
 from avglab.data.convert import convert
 from avglab.data.processor import SampleProcessor, build_image_processor
-from avglab.data.synth import SynthConfig, ensure_synth_shards, synth_vocabulary
+from avglab.data.synth.config import SynthConfig
+from avglab.data.synth.generator import ensure_synth_shards, synth_vocabulary
 from avglab.data.tokenizer import build_word_tokenizer
 
 PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]

@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 from stage_config import compose_config
 
-from avglab.build import build_datamodule
 from avglab.cli import CONFIG_DIR
+from avglab.training.build import build_datamodule
 
 DATA_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
 

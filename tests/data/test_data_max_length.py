@@ -7,10 +7,10 @@ import webdataset as wds
 from PIL import Image
 from stage_config import compose_config
 
-from avglab.build import build_core, build_datamodule, check_max_length
+from avglab.data.anyres import count_visual_tokens
 from avglab.data.datamodule import ShardDataModule
 from avglab.data.processor import RecordError, SampleProcessor, build_image_processor
-from avglab.model.packing import count_visual_tokens
+from avglab.training.build import build_core, build_datamodule, check_max_length
 
 PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]  # model=tiny: 64-px tiles, grid 8
 LLAVA_7B_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

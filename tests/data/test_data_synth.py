@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from avglab.data import synth
-from avglab.data.synth import (
-    SynthConfig,
-    ensure_synth_shards,
-    make_sample,
-    synth_vocabulary,
-)
-from avglab.data.synth_scene import local_tile_boxes
+from avglab.data.synth import generator as synth
+from avglab.data.synth.config import SynthConfig
+from avglab.data.synth.generator import ensure_synth_shards, make_sample, synth_vocabulary
+from avglab.data.synth.scene import local_tile_boxes
 
 PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]
 

@@ -15,13 +15,13 @@ from stage_config import compose_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from avglab.build import build_core, build_datamodule, build_tokenizer, synth_config
 from avglab.data.convert import convert
 from avglab.data.datamodule import ShardDataModule
 from avglab.data.processor import SampleProcessor
-from avglab.data.synth import synth_vocabulary
+from avglab.data.synth.generator import synth_vocabulary
 from avglab.data.tokenizer import build_word_tokenizer
 from avglab.data.vocabulary import record_texts, shard_digest, text_words
+from avglab.training.build import build_core, build_datamodule, build_tokenizer, synth_config
 
 EVAL_RECORDS = [  # words only the eval split has: "zebra" in a question, "okapi" in a non-majority answer
     {"question_id": 1, "image": "e0.png", "question": "Is this a zebra?", "answers": ["yes", "yes", "okapi"]},
@@ -78,7 +78,7 @@ def test_tiny_tokenizer_is_built_from_every_split_of_converted_shards(
     def no_reading(*args):
         raise AssertionError("the cached tokenizer must be reused")
 
-    monkeypatch.setattr("avglab.build.shard_vocabulary", no_reading)
+    monkeypatch.setattr("avglab.training.build.shard_vocabulary", no_reading)
     assert build_tokenizer(cfg).get_vocab() == vocab  # a second run reads nothing
 
 

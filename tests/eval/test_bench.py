@@ -6,8 +6,8 @@ import pytest
 from stage_config import compose_run
 from transformers import LlamaConfig
 
-from avglab.bench.flops import prefill_flops
 from avglab.run import run
+from avglab.tools.bench.flops import prefill_flops
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from stage_config import compose_config
 
-from avglab.build import build_core, synth_config
 from avglab.data.collate import collate
 from avglab.data.processor import SampleProcessor
-from avglab.data.synth import make_sample
+from avglab.data.synth.generator import make_sample
 from avglab.lmms.model import AvgLabLMM, parse_selector
 from avglab.stages.evaluate import EvalStage
+from avglab.training.build import build_core, synth_config
 
 
 @dataclass

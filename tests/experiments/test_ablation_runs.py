@@ -7,7 +7,7 @@ import pytest
 from stage_config import compose_run
 
 from avglab.cli import CONFIG_DIR
-from avglab.eval.tables import collect, table4
+from avglab.eval.paper_tables import collect, table4
 from avglab.run import run
 
 ROWS = {  # ablation -> (stage output name, router kind, alpha, rank_weight, granularities)

@@ -19,12 +19,12 @@ from modality_batches import (
 )
 from omegaconf import OmegaConf
 
+from avglab.avg.router import GranularityRouter
+from avglab.core.model import AvgCore
 from avglab.data.convert import convert
 from avglab.data.datamodule import ShardDataModule
 from avglab.data.processor import build_image_processor
 from avglab.data.shardset import read_manifests
-from avglab.model.core import AvgCore
-from avglab.model.router import GranularityRouter
 from avglab.stages.rglf_cached import CachedRglfStage
 
 STAGE = {

@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import avglab.feedback_cache as fc
-from avglab.model.core import AvgCore
-from avglab.model.router import GranularityRouter
+import avglab.avg.feedback_cache as fc
+from avglab.avg.router import GranularityRouter
+from avglab.core.model import AvgCore
 from avglab.stages.rglf import RglfStage
 from avglab.stages.rglf_cached import CachedRglfStage
 
@@ -44,7 +44,11 @@ def fake_datamodule(tmp_path, image_processor, content=b"shard"):
     shard = tmp_path / "train-00000.tar"
     shard.write_bytes(content)
     processor = SimpleNamespace(
-        tokenizer=FakeTokenizer(), image_processor=image_processor, template="vicuna_v1", max_length=64, grid=8
+        tokenizer=FakeTokenizer(),
+        image_processor=image_processor,
+        template="vicuna_v1",
+        max_length=64,
+        grid=8,
     )
     return SimpleNamespace(urls={"train": [str(shard)]}, processor=processor)
 

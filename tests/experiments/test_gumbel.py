@@ -4,8 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from avglab.model.core import AvgCore
-from avglab.model.router import FixedSelector
+from avglab.core.model import AvgCore
+from avglab.core.selector import FixedSelector
 from avglab.stages.gumbel import GumbelStage, straight_through_gumbel
 
 STAGE = {

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from avglab.model.losses import rglf_loss
+from avglab.avg.losses import rglf_loss
 
 LOGITS = [0.5, -0.2, 0.1]
 FEEDBACK = [-1.0, -0.5, -2.0]  # best level 1, then 0, then 2

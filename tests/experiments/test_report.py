@@ -1,12 +1,12 @@
-"""``python -m avglab.report``: tables and figures from multirun folders, and refusal to mix bases."""
+"""``python -m avglab.tools.report``: tables and figures from multirun folders, and refusal to mix bases."""
 
 import json
 
 import pytest
 from omegaconf import OmegaConf
 
-from avglab.eval.tables import MixedRunsError, collect, routing_share, routing_table, sweep, table4
-from avglab.report import main
+from avglab.eval.paper_tables import MixedRunsError, collect, routing_share, routing_table, sweep, table4
+from avglab.tools.report import main
 
 BASE = {"path": "/ws/runs/multigran/x/model", "sha256": "a" * 64}
 

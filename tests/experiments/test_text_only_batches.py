@@ -16,10 +16,10 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from modality_batches import LEVELS, build_llava, build_processor, build_tokenizer, modality_batch
 from omegaconf import OmegaConf
 
-import avglab.feedback_cache as fc
-from avglab.model.core import AvgCore, batch_rows
-from avglab.model.focus_build import build_focus_core
-from avglab.model.router import GranularityRouter
+import avglab.avg.feedback_cache as fc
+from avglab.avg.router import GranularityRouter
+from avglab.core.model import AvgCore, batch_rows
+from avglab.focus.build import build_focus_core
 from avglab.stages.evaluate import EvalStage
 from avglab.stages.focus import FocusStage
 from avglab.stages.gumbel import GumbelStage

@@ -2,7 +2,7 @@
 
 Needs lmms-eval (``make test-lmms`` builds ``.venv-lmms`` with ``pip install -e '.[dev,lmms]'``); skipped
 where it is not importable. Everything is made here, offline: a tiny random model, saved as a stage output
-and exported with ``python -m avglab.export``; a few generated images and questions written as an
+and exported with ``python -m avglab.tools.export``; a few generated images and questions written as an
 ``imagefolder`` data set; a task YAML for ``--include_path``. A random model's answers are arbitrary, so
 they are checked against avglab's evaluation path (``EvalStage.answer``) on the same questions.
 """
@@ -20,13 +20,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 from stage_config import compose_config
 
-from avglab.build import build_core, synth_config
+from avglab.core.weights import save_core
 from avglab.data.collate import collate
 from avglab.data.processor import SampleProcessor
-from avglab.data.synth import make_sample
-from avglab.export import load_pretrained
-from avglab.model.weights import save_core
+from avglab.data.synth.generator import make_sample
 from avglab.stages.evaluate import EvalStage
+from avglab.tools.export import load_pretrained
+from avglab.training.build import build_core, synth_config
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("lmms_eval") is None,
@@ -87,7 +87,7 @@ def local_task(tmp_path_factory):
     stage = save_core(core, root / "stage")  # what a stage writes: weights + the resolved config
     OmegaConf.save(cfg, stage / "config.yaml", resolve=True)
     export = root / "export"
-    subprocess.run([sys.executable, "-m", "avglab.export", str(stage), str(export)], check=True)
+    subprocess.run([sys.executable, "-m", "avglab.tools.export", str(stage), str(export)], check=True)
 
     data = root / "data" / "test"
     data.mkdir(parents=True)

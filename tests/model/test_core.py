@@ -3,8 +3,8 @@ import torch
 from tiny_batches import IMAGE_ID, LEVELS, make_batch, select_rows
 from torch.nn.utils.rnn import pad_sequence
 
-from avglab.model.core import AvgCore
-from avglab.model.router import FixedSelector, RandomSelector
+from avglab.core.model import AvgCore
+from avglab.core.selector import FixedSelector, RandomSelector
 
 
 def hf_inputs(batch, visual_tokens):

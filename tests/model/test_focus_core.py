@@ -6,11 +6,11 @@ from omegaconf import OmegaConf
 from tiny_batches import IMAGE_ID, LEVELS, PAD_ID, VOCAB
 from torch.utils.data import DataLoader
 
-from avglab.model.builders import tiny_llava
-from avglab.model.focus_core import FOCUS_LEVEL, FocusCore
-from avglab.model.focus_text import TextPlan, TextSampler
-from avglab.model.focus_vision import VisionSampler
-from avglab.model.generation import greedy_generate
+from avglab.core.builders import tiny_llava
+from avglab.core.generation import greedy_generate
+from avglab.focus.model import FOCUS_LEVEL, FocusCore
+from avglab.focus.text_sampler import TextPlan, TextSampler
+from avglab.focus.vision_sampler import VisionSampler
 from avglab.stages.focus import FocusStage
 
 PROMPT = 10  # conftest prompts: <image> at 3, instruction at 4..8

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from stage_config import compose_stage
 
-from avglab.model.focus_regions import FocusConfigError
+from avglab.focus.regions import FocusConfigError
 from avglab.run import run
 
 TINY = [

@@ -4,10 +4,10 @@ import pytest
 import torch
 from tiny_batches import LEVELS, select_rows
 
-from avglab.model.builders import tiny_llava
-from avglab.model.focus_core import FocusCore
-from avglab.model.focus_regions import FocusConfigError
-from avglab.model.focus_text import (
+from avglab.core.builders import tiny_llava
+from avglab.focus.model import FocusCore
+from avglab.focus.regions import FocusConfigError
+from avglab.focus.text_sampler import (
     TextPlan,
     TextSampler,
     compact,

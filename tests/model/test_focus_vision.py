@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny_batches import LEVELS, SIZES
 
-from avglab.model.core import AvgCore
-from avglab.model.focus_regions import (
+from avglab.core.model import AvgCore
+from avglab.focus.regions import (
     FocusConfigError,
     add_newlines,
     focus_token_count,
@@ -14,7 +14,7 @@ from avglab.model.focus_regions import (
     make_branches,
     pool_regions,
 )
-from avglab.model.focus_vision import VisionSampler, balance_loss
+from avglab.focus.vision_sampler import VisionSampler, balance_loss
 
 THREE = [[1, 1], [2, 2], [4, 4]]
 SEVEN = THREE + [[4, 2], [2, 4], [2, 1], [1, 2]]

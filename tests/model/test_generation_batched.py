@@ -3,8 +3,8 @@
 import torch
 from tiny_batches import LEVELS, SIZES, make_batch
 
-from avglab.model.core import AvgCore
-from avglab.model.generation import greedy_generate
+from avglab.core.generation import greedy_generate
+from avglab.core.model import AvgCore
 
 
 def prompts_of(core, batch, levels, lengths, rows):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from avglab.model.losses import apply_token_cost, ranking_loss, rglf_loss
+from avglab.avg.losses import apply_token_cost, ranking_loss, rglf_loss
 
 
 def log_softmax(xs):

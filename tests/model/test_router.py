@@ -1,7 +1,8 @@
 import torch
 from tiny_batches import LEVELS, select_rows
 
-from avglab.model.router import GranularityRouter, RouterInput, filter_instruction
+from avglab.avg.router import GranularityRouter, filter_instruction
+from avglab.core.selector import RouterInput
 
 
 def test_filter_never_picks_padding_and_keeps_most_similar():

@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avglab.model.packing import count_visual_tokens, pack_image
-from avglab.model.scaler import GranularityError, GranularityScaler, valid_granularities
+from avglab.core.packing import pack_image
+from avglab.core.scaler import GranularityError, GranularityScaler, valid_granularities
+from avglab.data.anyres import count_visual_tokens
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # LLaVA-NeXT's real geometry
 PAPER = [36, 72, 144, 288, 576]
@@ -18,7 +19,7 @@ def test_672_square_token_counts_match_the_paper_geometry():
 @pytest.mark.parametrize("size", [(672, 672), (500, 800), (900, 300), (336, 1000)])
 def test_packing_yields_the_counted_tokens_at_every_level(size):
     scaler = GranularityScaler(24, PAPER)
-    from avglab.model.packing import num_tiles
+    from avglab.data.anyres import num_tiles
 
     tiles = torch.randn(num_tiles(size, PINPOINTS, 336), 1, 24, 24)
     for level, kernel in enumerate(scaler.kernels):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from tiny_batches import LEVELS
 
-from avglab.model.seqpack import first_fit_rows, pack_rows
+from avglab.core.seqpack import first_fit_rows, pack_rows
 
 
 def test_first_fit_rows_places_every_sequence_once_within_capacity():

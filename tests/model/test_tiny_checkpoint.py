@@ -2,9 +2,9 @@
 
 from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
 
+from avglab.core.builders import tiny_llava
+from avglab.core.tiny_checkpoint import main
 from avglab.data.tokenizer import EOS, build_word_tokenizer
-from avglab.model.builders import tiny_llava
-from avglab.model.tiny_checkpoint import main
 
 
 def test_written_checkpoint_stops_generation_on_the_tokenizers_eos(tmp_path):

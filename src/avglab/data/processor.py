@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import LlavaNextImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from avglab.data.anyres import count_visual_tokens
 from avglab.data.templates import ChatTemplate, Piece, Role, Turn, get_template
-from avglab.model.packing import count_visual_tokens
 
 IMAGE_PLACEHOLDER = "<image>"  # what LLaVA records write, whatever the tokenizer calls it
 IGNORE_INDEX = -100

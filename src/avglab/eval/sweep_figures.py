@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from avglab.eval.tables import Run
+from avglab.eval.paper_tables import Run
 
 
 def _pyplot():

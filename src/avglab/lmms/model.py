@@ -132,7 +132,7 @@ class AvgLabLMM(_Base):
     """avglab's core behind lmms-eval's ``generate_until`` / ``loglikelihood`` interface.
 
     Args:
-        pretrained: an export folder (``python -m avglab.export``).
+        pretrained: an export folder (``python -m avglab.tools.export``).
         selector: ``router``, ``full`` or a fixed granularity in tokens per tile (e.g. ``144``).
         batch_size: generation requests per batched (left-padded) pass (lmms-eval's ``--batch_size``).
         max_new_tokens: default generation budget (a request's ``gen_kwargs`` override it).
@@ -159,7 +159,7 @@ class AvgLabLMM(_Base):
         **unused,
     ) -> None:
         super().__init__()
-        from avglab.export import load_pretrained  # late: builds the whole data/model stack
+        from avglab.tools.export import load_pretrained  # late: builds the whole data/model stack
 
         if unused:
             log.warning("avglab: ignoring model_args %s", sorted(unused))

@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 from transformers import get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from avglab.model.core import AvgCore
-from avglab.sharding import apply_fsdp2, is_sharded
+from avglab.core.model import AvgCore
+from avglab.stages.sharding import apply_fsdp2, is_sharded
 
 log = logging.getLogger(__name__)
 PARTS = ("vision", "projector", "newline", "llm", "router")

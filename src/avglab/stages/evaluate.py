@@ -17,11 +17,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from avglab.core.generation import greedy_generate, synchronize
+from avglab.core.model import AvgCore
 from avglab.eval.metrics import exact_match
-from avglab.eval.report import LATENCY_NOTE, PHASES, TOKEN_NOTE, format_table, histogram_figure, summarize
 from avglab.eval.scoring import benchmark_score, check_metric
-from avglab.model.core import AvgCore
-from avglab.model.generation import greedy_generate, synchronize
+from avglab.eval.summary import LATENCY_NOTE, PHASES, TOKEN_NOTE, format_table, histogram_figure, summarize
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from avglab.model.focus_core import FocusCore, FocusOutput
+from avglab.focus.model import FocusCore, FocusOutput
 from avglab.stages.base import StageModule
 
 

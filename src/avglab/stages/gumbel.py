@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from avglab.model.core import AvgCore
+from avglab.core.model import AvgCore
 from avglab.stages.base import StageModule
 
 

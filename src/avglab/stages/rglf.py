@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from avglab.model.core import AvgCore
-from avglab.model.losses import apply_token_cost, rglf_loss
+from avglab.avg.losses import apply_token_cost, rglf_loss
+from avglab.core.model import AvgCore
 from avglab.stages.base import StageModule
 
 

@@ -2,7 +2,7 @@
 
 Same loss, logging and outputs as ``stage=rglf``; the difference is where a batch comes from. The
 first run with a given (LMM weights, data, granularities, ...) computes the cache once
-(:mod:`avglab.feedback_cache`); every later run, e.g. each member of a ``router.k`` or
+(:mod:`avglab.avg.feedback_cache`); every later run, e.g. each member of a ``router.k`` or
 ``stage.alpha`` sweep, trains the router only: no vision tower, no LLM, no image decoding.
 The cache holds the first ``stage.cache_train_samples`` training samples in shard order (and
 ``stage.cache_val_samples`` validation samples), reshuffled every epoch with ``seed``. A request
@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from avglab.feedback_cache import (
+from avglab.avg.feedback_cache import (
     FeedbackCache,
     cache_spec,
     compute_cache,
@@ -26,8 +26,8 @@ from avglab.feedback_cache import (
     skipped_counts,
     unknown_counts,
 )
-from avglab.model.core import AvgCore
-from avglab.model.router import RouterInput
+from avglab.core.model import AvgCore
+from avglab.core.selector import RouterInput
 from avglab.stages.rglf import RglfStage
 
 log = logging.getLogger(__name__)

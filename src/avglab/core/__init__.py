@@ -1,0 +1,1 @@
+"""The shared LLaVA-NeXT core every method uses: loading, encoding, pooling levels, packing, generation."""

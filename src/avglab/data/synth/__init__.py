@@ -1,0 +1,1 @@
+"""The embedded glance/gaze VQA set (``data=synth``): config, scene, generator."""

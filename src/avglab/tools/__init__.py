@@ -1,0 +1,1 @@
+"""Commands around the toolkit: export, report, memory, and the speed benchmark (``stage=bench``)."""

@@ -1,0 +1,45 @@
+"""The benchmark's inputs: synth questions on one fixed-size image each, as batches of one."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from avglab.data.collate import collate
+from avglab.data.processor import SampleProcessor
+from avglab.data.synth.generator import make_sample
+from avglab.training.build import synth_config
+
+
+def largest_pinpoint(pinpoints: list[list[int]]) -> tuple[int, int]:
+    """(height, width) of the AnyRes resolution with the most pixels (the most visual tokens)."""
+    return tuple(max(pinpoints, key=lambda p: (p[0] * p[1], p[0])))
+
+
+def bench_inputs(cfg, tokenizer, image_processor, pinpoints: list[list[int]]) -> list[dict]:
+    """``stage.inputs`` collate batches of one sample (synth test questions, image resized).
+
+    Args:
+        cfg: the composed config (``data`` must be synth: its questions and template are used).
+        tokenizer: the run's tokenizer.
+        image_processor: the run's AnyRes image processor.
+        pinpoints: the model's AnyRes resolutions, for the default image size.
+
+    Returns:
+        Batches in the collate contract, each holding one sample.
+    """
+    if cfg.data.kind != "synth":
+        raise ValueError(f"stage=bench takes its questions from data=synth, got data={cfg.data.name}")
+    size = cfg.stage.image_size
+    height, width = tuple(size) if size is not None else largest_pinpoint(pinpoints)
+    if height < 1 or width < 1:
+        raise ValueError(f"stage.image_size={list(size)}: give [height, width] in pixels")
+    processor = SampleProcessor(tokenizer, image_processor, cfg.data.template, cfg.data.max_length)
+    synth = synth_config(cfg.data)
+    batches = []
+    for index in range(cfg.stage.inputs):
+        sample = make_sample(synth, "test", index)
+        image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((width, height))
+        batches.append(collate([processor(sample["json"], image)], tokenizer.pad_token_id))
+    return batches
