@@ -152,6 +152,8 @@ def test_cli_evaluates_the_users_shards(tiny_walk, user_llava_shards):  # noqa: 
     env = {**os.environ, "AVGLAB_WORKSPACE": str(ws), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    assert printed.count("GPU available") == 1 and "litlogger" not in printed  # each log line once, no advert
     written = sorted((ws / "runs" / "eval").glob("*/metrics.json"))
     assert len(written) == 1
     assert json.loads(written[0].read_text())["samples"] == user_llava_shards.converted["test"]
