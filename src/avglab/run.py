@@ -19,9 +19,11 @@ from avglab.core.weights import full_core_state, load_core, load_router, save_co
 from avglab.stages.averaging import TrainableEMA
 from avglab.stages.evaluate import EvalStage
 from avglab.training.build import build_core, build_datamodule, saved_tokenizer
+from avglab.training.checkpoints import check_explicit, newest_intact, use_atomic_saves
 from avglab.training.eval_after import eval_after_config
 from avglab.training.global_batch import apply_global_batch
 from avglab.training.strategies import check_strategy
+from avglab.training.validation import check_stage
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +60,27 @@ def resolve_init(cfg: DictConfig) -> Path | None:
 
 
 def resolve_ckpt(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` means the newest last.ckpt of this stage in the workspace."""
+    """The checkpoint to resume from, checked intact before anything is built.
+
+    ``ckpt_path=last`` takes the newest intact checkpoint of this stage in the workspace: the newest
+    run's ``last.ckpt``, else its newest step checkpoint, else an older run's (each torn one passed over
+    is logged with why). An explicit ``ckpt_path`` that is torn fails, naming the intact ones beside it.
+
+    Raises:
+        HandoffError: ``ckpt_path=last`` and no intact checkpoint of this stage.
+        CheckpointError: an explicit ``ckpt_path`` that is missing or torn.
+    """
     if cfg.ckpt_path != "last":
-        return cfg.ckpt_path
-    found = sorted(Path(cfg.workspace, "runs", cfg.stage.name).glob("*/checkpoints/last.ckpt"))
-    if not found:
-        raise HandoffError(
-            f"ckpt_path=last: no checkpoints/last.ckpt under {cfg.workspace}/runs/{cfg.stage.name}"
-        )
-    return str(found[-1])
+        return check_explicit(cfg.ckpt_path)
+    runs = Path(cfg.workspace, "runs", cfg.stage.name)
+    found, skipped = newest_intact(sorted(runs.glob("*/checkpoints"), reverse=True))  # run names sort by time
+    for path, problem in skipped:
+        log.warning("ckpt_path=last: skipped %s (%s)", path, problem)
+    if found is None:
+        torn = f"; every checkpoint found is torn: {[str(p) for p, _ in skipped]}" if skipped else ""
+        raise HandoffError(f"ckpt_path=last: no intact checkpoint under {runs}/*/checkpoints{torn}")
+    log.info("ckpt_path=last: resuming from %s", found)
+    return str(found)
 
 
 def fingerprint(cfg: DictConfig, init: Path | None) -> dict:
@@ -142,6 +156,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra: list[L.Callback] | None
     ]
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
     trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks, strategy=strategy)
+    use_atomic_saves(trainer)  # a killed save never leaves a torn last.ckpt (training.checkpoints)
     if cfg.stage.name != "eval":
         apply_global_batch(trainer, cfg)  # stage.global_batch_size -> accumulation for this world size
     return trainer
@@ -187,6 +202,7 @@ def run(cfg: DictConfig) -> dict:
     """Runs the configured stage and returns its metrics: bench, eval, or a training fit."""
     L.seed_everything(cfg.seed, workers=True)
     check_strategy(cfg)
+    check_stage(cfg)  # value ranges (lr, warmup, steps, batch sizes) before any folder or model
     extra_callbacks = stage_callbacks(cfg)  # built first: a bad value fails before any model
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,16 +234,13 @@ def run(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig, core, tokenizer, trainer: L.Trainer, datamodule, run_dir: Path, prints: dict):
-    """``stage=eval``: the test loop writes ``metrics.json``, completed here with the data's losses."""
+    """``stage=eval``: the test loop gathers every rank's samples; rank 0 writes ``metrics.json``.
+
+    Its metrics carry the skipped samples and ``<unk>`` counts summed over ranks; every rank returns them.
+    """
     module = EvalStage.from_config(core, tokenizer, cfg, run_dir, prints)
     trainer.test(module, datamodule=datamodule)
-    path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text())
-    metrics["skipped_samples"] = dict(datamodule.skipped)
-    metrics["unknown_tokens"] = dict(datamodule.unknown)  # words a tiny word-level tokenizer cannot represent
-    if trainer.is_global_zero:
-        path.write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return module.metrics
 
 
 def fit(cfg: DictConfig, core, trainer: L.Trainer, datamodule, init: Path | None, ckpt: str | None) -> dict:

@@ -38,7 +38,14 @@ from tqdm.auto import tqdm
 
 from avglab.data.jsonstream import Entry, file_sha256, iter_records
 from avglab.data.processor import RecordError
-from avglab.data.records import EvalFields, prepare_eval, prepare_instruct, read_image, record_name
+from avglab.data.records import (
+    MAX_IMAGE_BYTES,
+    EvalFields,
+    prepare_eval,
+    prepare_instruct,
+    read_image,
+    record_name,
+)
 from avglab.data.shardset import ShardSetWriter, Skip
 from avglab.data.skips import SkipLimitError
 
@@ -61,6 +68,7 @@ def convert(
     fields: EvalFields | None = None,
     prompt_suffix: str = "",
     progress: bool = True,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> dict:
     """Converts one input file into the shards of one split and returns the manifest.
 
@@ -79,6 +87,7 @@ def convert(
         fields: record keys of an eval set (default: :class:`EvalFields`).
         prompt_suffix: text appended to every eval question (a benchmark's answer-format prompt).
         progress: show a progress bar (on stderr).
+        max_image_bytes: image files larger than this are skipped unread (``image_too_large``).
 
     Raises:
         FileNotFoundError: for a missing source or image folder.
@@ -94,7 +103,11 @@ def convert(
     if not images.is_dir():
         raise FileNotFoundError(f"image folder {images} does not exist (--images)")
     fields = fields or EvalFields()
+    if max_image_bytes < 1:
+        raise ValueError(f"--max-image-mb must be > 0, got {max_image_bytes / 2**20:g}")
     options = {"samples_per_shard": samples_per_shard, "shard_bytes": shard_bytes}
+    if max_image_bytes != MAX_IMAGE_BYTES:  # the default keeps resuming conversions started without it
+        options["max_image_bytes"] = max_image_bytes
     if kind == "eval":
         options |= {"fields": {k: list(v) for k, v in vars(fields).items()}, "prompt_suffix": prompt_suffix}
     digest = file_sha256(source)
@@ -106,7 +119,8 @@ def convert(
         prepare = partial(prepare_instruct, image_root=images)
     else:
         prepare = partial(prepare_eval, image_root=images, fields=fields, prompt_suffix=prompt_suffix)
-    records = _write_all(source, writer, prepare, workers, max_skip_fraction, progress, fields.id)
+    load = partial(load_sample, prepare=prepare, id_keys=fields.id, max_image_bytes=max_image_bytes)
+    records = _write_all(source, writer, load, workers, max_skip_fraction, progress)
     writer.finish(records)
     _check_limit(writer, max_skip_fraction, final=True)
     extra = {
@@ -120,11 +134,10 @@ def convert(
 def _write_all(
     source: Path,
     writer: ShardSetWriter,
-    prepare: Callable[[Any, int], Any],
+    load: Callable[[Entry], dict | Skip],
     workers: int,
     max_skip_fraction: float,
     progress: bool,
-    id_keys: tuple[str, ...],
 ) -> int:
     """Streams the input through the thread pool into the writer, in input order; returns #records."""
     records = 0
@@ -138,7 +151,7 @@ def _write_all(
             records = entry.index + 1
             if entry.index < writer.resume_from:
                 continue  # inside a finished shard
-            pending.append(pool.submit(load_sample, entry, prepare, id_keys))
+            pending.append(pool.submit(load, entry))
             while len(pending) > 4 * max(1, workers):  # bounded look-ahead: memory stays flat
                 _store(pending.popleft().result(), writer, max_skip_fraction, bar)
         while pending:
@@ -146,8 +159,18 @@ def _write_all(
     return records
 
 
-def load_sample(entry: Entry, prepare: Callable[[Any, int], Any], id_keys: tuple[str, ...]) -> dict | Skip:
-    """One input entry -> a shard sample (``__key__``, ``json``, image bytes) or the reason it is skipped."""
+def load_sample(
+    entry: Entry,
+    prepare: Callable[[Any, int], Any],
+    id_keys: tuple[str, ...],
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+) -> dict | Skip:
+    """One input entry -> a shard sample (``__key__``, ``json``, image bytes) or the reason it is skipped.
+
+    Every failure of one record is a skip: a :class:`RecordError` under its reason, anything else
+    (a case the checks do not know yet) under ``unexpected_error``, logged with the record's id, so
+    one odd record never stops a conversion of millions.
+    """
     if entry.error is not None:
         return Skip(entry.index, f"#{entry.index}", "bad_json", entry.error)
     try:
@@ -155,11 +178,23 @@ def load_sample(entry: Entry, prepare: Callable[[Any, int], Any], id_keys: tuple
         record = json.dumps(prepared.record, ensure_ascii=False).encode("utf-8")
         sample = {"__key__": f"{entry.index:09d}", "json": record}  # ids repeat in LLaVA data; indices don't
         if prepared.image is not None:
-            ext, data = read_image(prepared.image)
+            ext, data = read_image(prepared.image, max_image_bytes)
             sample[ext] = data
         return sample
     except RecordError as exn:
         return Skip(entry.index, record_name(entry.value, entry.index, id_keys), exn.reason, exn.message)
+    except Exception as exn:  # one record's failure must not abort the conversion
+        name = _safe_name(entry, id_keys)
+        log.warning("skipped record %s (unexpected_error): %r", name, exn)
+        return Skip(entry.index, name, "unexpected_error", f"{type(exn).__name__}: {exn}")
+
+
+def _safe_name(entry: Entry, id_keys: tuple[str, ...]) -> str:
+    """The record's id for a message, or its index when even that fails."""
+    try:
+        return record_name(entry.value, entry.index, id_keys)
+    except Exception:  # e.g. an id whose str() fails
+        return f"#{entry.index}"
 
 
 def _store(item: dict | Skip, writer: ShardSetWriter, max_skip_fraction: float, bar: tqdm) -> None:
@@ -206,6 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-mb", type=float, default=1024, help="close a shard at this size (default 1024)")
     p.add_argument("--workers", type=int, default=8, help="image-reading threads (default 8)")
     p.add_argument("--max-skip-fraction", type=float, default=0.05, help="stop above this (default 0.05)")
+    p.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=MAX_IMAGE_BYTES / 2**20,
+        help=f"skip image files larger than this, unread (default {MAX_IMAGE_BYTES >> 20})",
+    )
     p.add_argument("--overwrite", action="store_true", help="convert again instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="log every skipped record")
@@ -243,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             fields=EvalFields(**chosen),
             prompt_suffix=args.prompt_suffix,
             progress=not args.no_progress,
+            max_image_bytes=int(args.max_image_mb * (1 << 20)),
         )
     except (FileNotFoundError, ValueError, SkipLimitError) as exn:
         raise SystemExit(f"avglab.data.convert: {exn}") from None

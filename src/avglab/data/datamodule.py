@@ -7,11 +7,16 @@ exception type for other unreadable data (see :mod:`avglab.data.skips`). Loader 
 their counts to the main process along with the batches, so the counter is complete with any
 ``num_workers``; above ``max_skip_fraction`` the loader stops the run. Kept samples with ``<unk>``
 ids (words a word-level tokenizer lacks) travel the same way into ``ShardDataModule.unknown``.
+
+The train stream's position (pass, samples each worker took, skip counts) is the datamodule's
+``state_dict``, which Lightning stores in every checkpoint; a resumed run continues the stream exactly
+where the checkpoint was taken (:mod:`avglab.data.resume`).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
@@ -19,11 +24,24 @@ from itertools import islice
 from pathlib import Path
 
 import lightning as L
+import torch
 import webdataset as wds
 from PIL import Image
 
 from avglab.data.collate import collate
 from avglab.data.processor import RecordError, SampleProcessor, build_image_processor
+from avglab.data.ranks import gather_objects
+from avglab.data.resume import (
+    POSITION_KEY,
+    PassCursor,
+    PassShards,
+    PassShuffle,
+    Start,
+    TrainBatches,
+    batched,
+    budget_counts,
+    restore_counts,
+)
 from avglab.data.skips import ShardReader, SkipBudget, SkipCounter, attach_skips
 from avglab.data.templates import ChatTemplate
 
@@ -64,6 +82,7 @@ class ShardDataModule(L.LightningDataModule):
     deterministic from ``seed``, different every epoch). With ``epoch_samples`` (or, on several
     ranks, the manifest's sample count) it repeats endlessly and an epoch is a fixed number of
     batches per rank, the same on every rank, so DDP never waits at the end of an epoch.
+    ``state_dict``/``load_state_dict`` carry the train stream's position through checkpoints.
 
     Args:
         urls: shard paths or URLs per split ("train", "val", "test"); a split that is absent has
@@ -140,34 +159,30 @@ class ShardDataModule(L.LightningDataModule):
         self.shard_sizes = dict(shard_sizes or {})
         self.rank, self.world_size = rank, world_size
         self._lowered: set[str] = set()  # splits whose worker count was lowered (logged once)
+        self._trained: dict | None = None  # position after the last train batch Lightning took
+        self._start: Start | None = None  # where the next train loader starts: a checkpoint's position
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def train_dataloader(self) -> TrainBatches:
         """Shuffled train batches; exactly ``epoch_samples // (world * batch_size)`` per rank if set."""
         _, world = self._rank_world()
-        epoch_samples = self.epoch_samples
-        if epoch_samples is None and world > 1:
-            epoch_samples = self.split_size("train")
-            if epoch_samples is None:
-                raise ValueError(
-                    f"training on {world} ranks needs data.epoch_samples (or shards with a manifest) so "
-                    "that every rank runs the same number of steps (shards split unevenly across ranks)"
-                )
-        loader = self._loader("train", self.batch_size, train=True)
-        if epoch_samples is None:
-            return loader
-        batches = max(1, epoch_samples // (world * self.batch_size))
-        return loader.with_epoch(batches).with_length(batches, silent=True)
+        batches = self._train_batches()
+        if batches is None and world > 1:
+            raise ValueError(
+                f"training on {world} ranks needs data.epoch_samples (or shards with a manifest) so "
+                "that every rank runs the same number of steps (shards split unevenly across ranks)"
+            )
+        return self._train_loader(batches)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         """Validation batches in shard order (each sample once over all ranks); [] without a val split."""
         if "val" not in self.urls:
             log.info("no val split configured: validation is off")
             return []
-        return self._loader("val", self.eval_batch_size, train=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> wds.WebLoader:
         """Test batches in shard order (each sample once over all ranks)."""
-        return self._loader("test", self.eval_batch_size, train=False)
+        return self._eval_loader("test")
 
     def split_size(self, split: str) -> int | None:
         """Samples in a split according to the manifests, or None if a shard's count is unknown."""
@@ -175,6 +190,56 @@ class ShardDataModule(L.LightningDataModule):
         if not urls or any(u not in self.shard_sizes for u in urls):
             return None
         return sum(self.shard_sizes[u] for u in urls)
+
+    def state_dict(self) -> dict:
+        """The train stream's position after the last batch trained on, of every rank.
+
+        Lightning calls this on every rank when it saves a checkpoint (rank 0 writes it), so on several
+        ranks it is a collective that gathers each rank's position.
+        """
+        mine = self._trained
+        if mine is not None:  # with every split's counts, the train split's as of the batch trained on
+            mine = {**mine, "counts": budget_counts(self.budget, {"train": mine["train_counts"]})}
+        return {"train_position": gather_objects(mine)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores this rank's skip and ``<unk>`` counts; the next train loader continues the stream."""
+        positions = state_dict.get("train_position") or []
+        rank, world = self._rank_world()
+        mine = positions[rank] if len(positions) == world else None
+        if mine is None:
+            if any(p is not None for p in positions):  # trained on another number of ranks
+                passes = max(p["pass"] for p in positions if p is not None)
+                log.warning(
+                    "the checkpoint's data position is for %d rank(s), this run has %d: training goes on "
+                    "with a fresh pass over the shards (not the batches the interrupted run would have seen)",
+                    len(positions), world,
+                )  # fmt: skip
+                self._start = Start(passes + 1)
+            return
+        layout = mine["layout"]
+        expected = self._layout()
+        restore_counts(self.budget, mine["counts"])
+        self._trained = mine
+        if layout != expected:
+            log.warning(
+                "the checkpoint's data position was taken with %s, this run has %s: training goes on with a "
+                "fresh pass over the shards (not the batches the interrupted run would have seen)",
+                layout, expected,
+            )  # fmt: skip
+            self._start = Start(mine["pass"] + 1)
+            return
+        self._start = Start.after(mine, self._train_batches())
+        # Lightning warns that a mid-epoch checkpoint cannot resume a loader without state: this one can.
+        warnings.filterwarnings(
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch"
+        )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Takes the position off a train batch: Lightning trains on this batch next."""
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            self._trained = batch.pop(POSITION_KEY)
+        return batch
 
     def teardown(self, stage: str) -> None:
         """Reports the skipped samples and unknown tokens of this rank."""
@@ -202,39 +267,107 @@ class ShardDataModule(L.LightningDataModule):
         rank, world, _, _ = wds.utils.pytorch_worker_info()
         return rank, world
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> wds.WebLoader:
-        """The webdataset pipeline of one split, batched in the workers, skips tallied in the main process."""
+    def _eval_loader(self, split: str) -> wds.WebLoader:
+        """An evaluation split's webdataset pipeline in shard order, skips tallied in the main process."""
         urls = self._checked_urls(split)
         rank, world = self._rank_world()
         counter: Counter = Counter()  # the worker's own; its counts travel with the batches
         unknown: Counter = Counter()
-        handler = SkipCounter(counter)
-        p = self.processor
-        processor = SampleProcessor(
-            p.tokenizer, p.image_processor, p.template, p.max_length, counter, grid=p.grid, unknown=unknown
-        )
         stages = [
             wds.SimpleShardList(urls),
             partial(split_by_rank, rank=rank, world_size=world),
             wds.split_by_worker,
-        ]
-        if train:  # seed + epoch: reproducible, yet a new order every epoch
-            stages.append(wds.detshuffle(len(urls), seed=self.seed))
-        stages.append(ShardReader(counter, self.shard_sizes))
-        if train and self.shuffle_buffer > 0:
-            stages.append(wds.detshuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), self.seed))
-        collation = partial(collate, pad_token_id=self.pad_token_id)
-        stages += [
-            wds.decode("pil", handler=handler),
-            wds.map(partial(to_model_sample, processor=processor), handler=handler),
-            wds.batched(batch_size, collation_fn=collation, partial=True),
+            ShardReader(counter, self.shard_sizes),
+            *self._sample_stages(counter, unknown),
+            wds.batched(self.eval_batch_size, collation_fn=self._collate, partial=True),
             partial(attach_skips, skipped=counter, unknown=unknown),
         ]
-        workers = self.workers(split, len(urls), train)
+        workers = self.workers(split, len(urls), train=False)
         loader = wds.WebLoader(
-            wds.DataPipeline(*stages), batch_size=None, num_workers=workers, persistent_workers=workers > 0
+            wds.DataPipeline(*stages),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # validation leaves torch's global RNG alone
         )
         return loader.compose(partial(self.budget.absorb, split))
+
+    def _train_loader(self, batches: int | None) -> TrainBatches:
+        """The train split's pipeline, pass by pass: shards and samples shuffled by ``seed + pass``.
+
+        Args:
+            batches: batches per epoch (None: an epoch is one pass).
+        """
+        urls = self._checked_urls("train")
+        rank, world = self._rank_world()
+        counter: Counter = Counter()
+        unknown: Counter = Counter()
+        start = self._start or self._after_trained()  # a checkpoint's position is used once
+        self._start = None
+        shards = PassShards(urls, rank, world, self.seed, start)
+        cursor = PassCursor(shards, (counter, unknown))
+        stages = [shards, ShardReader(counter, self.shard_sizes)]
+        if self.shuffle_buffer > 0:
+            stages.append(PassShuffle(shards, self.shuffle_buffer, min(self.shuffle_buffer, 100), self.seed))
+        stages += [
+            cursor,
+            *self._sample_stages(counter, unknown),
+            partial(batched, size=self.batch_size, collate=self._collate),  # sent when full: see resume
+            partial(attach_skips, skipped=counter, unknown=unknown),
+            cursor.tag,
+        ]
+        workers = self.workers("train", len(urls), train=True)
+        return TrainBatches(
+            wds.DataPipeline(*stages),
+            shards,
+            workers,
+            self.budget,
+            "train",
+            batches,
+            self._layout(),
+            stamp=self.trainer is not None,  # Lightning takes the positions off (on_before_batch_transfer)
+        )
+
+    def _after_trained(self) -> Start:
+        """A new train loader of this run: the pass after the last one trained on (pass 0 at first)."""
+        return Start() if self._trained is None else Start(self._trained["pass"] + 1)
+
+    def _sample_stages(self, counter: Counter, unknown: Counter) -> list:
+        """Worker stages from raw to model samples (decode, process), skips into the worker's counters."""
+        p = self.processor
+        processor = SampleProcessor(
+            p.tokenizer, p.image_processor, p.template, p.max_length, counter, grid=p.grid, unknown=unknown
+        )
+        handler = SkipCounter(counter)
+        return [
+            wds.decode("pil", handler=handler),
+            wds.map(partial(to_model_sample, processor=processor), handler=handler),
+        ]
+
+    @property
+    def _collate(self):
+        """The collate function with this tokenizer's pad id."""
+        return partial(collate, pad_token_id=self.pad_token_id)
+
+    def _train_batches(self) -> int | None:
+        """Train batches per epoch on this rank (None: an epoch is one pass; on several ranks, unknown)."""
+        _, world = self._rank_world()
+        epoch_samples = self.epoch_samples
+        if epoch_samples is None and world > 1:
+            epoch_samples = self.split_size("train")
+        return None if epoch_samples is None else max(1, epoch_samples // (world * self.batch_size))
+
+    def _layout(self) -> dict:
+        """What a train position is only valid for: rank, ranks, loader workers, shards, batch size."""
+        rank, world = self._rank_world()
+        shards = len(self.urls.get("train") or [])
+        return {
+            "rank": rank,
+            "world": world,
+            "workers": self.num_workers,
+            "shards": shards,
+            "batch": self.batch_size,
+        }
 
     def _checked_urls(self, split: str) -> list[str]:
         """The split's shards, failing early and clearly on missing files or too few shards."""

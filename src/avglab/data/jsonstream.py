@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any, BinaryIO
 CHUNK_BYTES = 1 << 20
 MAX_RECORD_CHARS = 64 << 20  # a "record" this long is a broken file, not a record
 WHITESPACE = " \t\n\r"
+_STRUCTURE = re.compile(r'[][{}"]')  # what changes the nesting outside a string
+_STRING_END = re.compile(r'["\\]')  # inside a string: its end or an escape
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def _json_lines(f: BinaryIO, path: str) -> Iterator[Entry]:
         except json.JSONDecodeError as exn:
             problem = f"record {index} ({path}) is not JSON: {exn.msg} at column {exn.colno}"
             yield Entry(index, None, problem, offset)
+        except RecursionError:  # valid JSON nested deeper than the parser goes: one bad record
+            yield Entry(index, None, f"record {index} ({path}) is nested too deeply to parse", offset)
         index += 1
 
 
@@ -137,7 +142,11 @@ class _JsonList:
                     raise self._error(f"expected ',' or ']' after record {index - 1}, found {char!r}", index)
                 self.pos += 1
                 self._next_char()
-            yield Entry(index, self._value(index), None, self.offset)
+            try:
+                value, error = self._value(index), None
+            except _Unparsable as exn:  # a record the parser cannot take, skipped over: the rest reads on
+                value, error = None, str(exn)
+            yield Entry(index, value, error, self.offset)
             index += 1
 
     def _more(self) -> bool:
@@ -165,6 +174,9 @@ class _JsonList:
             too_long = len(self.buf) - self.pos > MAX_RECORD_CHARS
             try:
                 value, end = self.parse(self.buf, self.pos)
+            except RecursionError:
+                self._skip_value(index)
+                raise _Unparsable(f"record {index} ({self.path}) is nested too deeply to parse") from None
             except json.JSONDecodeError as exn:
                 if self.eof or too_long:
                     raise self._error(f"{exn.msg} (record {index} is not valid JSON)", index) from None
@@ -177,8 +189,44 @@ class _JsonList:
                 return value
             self._more()
 
+    def _skip_value(self, index: int) -> None:
+        """Moves the cursor past the array or object at it by matching brackets (strings respected).
+
+        Raises:
+            ValueError: the file ends inside it, or it is longer than :data:`MAX_RECORD_CHARS`.
+        """
+        depth, in_string, scanned = 0, False, 0
+        while True:
+            match = (_STRING_END if in_string else _STRUCTURE).search(self.buf, self.pos)
+            if match is None:
+                scanned += len(self.buf) - self.pos
+                self.pos = len(self.buf)
+                if scanned > MAX_RECORD_CHARS or not self._more():
+                    raise self._error(f"record {index} does not end", index)
+                continue
+            char, self.pos = match.group(), match.end()
+            if in_string:
+                if char == "\\":  # skip the escaped character, which may start the next chunk
+                    if self.pos >= len(self.buf) and not self._more():
+                        raise self._error(f"record {index} does not end", index)
+                    self.pos += 1
+                else:
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char in "[{":
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    return
+
     def _error(self, message: str, index: int) -> ValueError:
         return ValueError(
             f"{self.path}: broken JSON list near record {index} (byte ~{self.offset}): {message}. "
             f"Fix the file (python -m json.tool {self.path} shows where) or convert it to JSON lines"
         )
+
+
+class _Unparsable(Exception):
+    """A list element the parser cannot take (skipped over; the entry carries the reason)."""

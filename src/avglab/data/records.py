@@ -9,6 +9,7 @@ the manifest counts.
 from __future__ import annotations
 
 import io
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from avglab.data.processor import (
 
 # Formats webdataset's decoder and LLaVA read as they are; anything else PIL opens is stored as PNG.
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+MAX_IMAGE_BYTES = 64 << 20  # --max-image-mb: larger files are skipped unread (image_too_large)
 CONVERSATIONS = "conversations"  # LLaVA's dialogue key: an eval record may hold its question there
 
 
@@ -83,11 +85,16 @@ def check_record(value: Any, index: int) -> dict:
 
 
 def image_path(record: dict, key: str, image_root: Path, name: str) -> Path | None:
-    """The record's image file under ``image_root`` (None without one).
+    """The record's image file, which must lie under ``image_root`` (None without one).
+
+    The path is resolved, symlinks included, before it is compared: ``../x``, an absolute path
+    elsewhere and a symlink inside the root that points out of it are all refused, so a record
+    never makes the converter read (and copy into shards) a file outside ``--images``.
 
     Raises:
         RecordError: ``several_images`` for a list of images (LLaVA-NeXT's interleaved format),
-            ``bad_image_field`` for a value that is not a path.
+            ``bad_image_field`` for a value that is not a usable path, ``image_outside_root`` for
+            one that resolves outside ``image_root``.
     """
     value = record.get(key)
     if isinstance(value, list) and len(value) == 1:
@@ -102,7 +109,19 @@ def image_path(record: dict, key: str, image_root: Path, name: str) -> Path | No
         raise RecordError(
             "bad_image_field", f"record {name}: '{key}' must be a path, got {type(value).__name__}"
         )
-    return image_root / value
+    if "\0" in value:
+        raise RecordError("bad_image_field", f"record {name}: '{key}' holds a NUL byte: {value!r}")
+    root = image_root.resolve()
+    try:
+        path = (root / value).resolve()
+    except (OSError, RuntimeError) as exn:  # a symlink loop (RuntimeError before Python 3.13)
+        raise RecordError("image_unreadable", f"record {name}: {value!r}: {exn}") from None
+    if not path.is_relative_to(root):
+        raise RecordError(
+            "image_outside_root",
+            f"record {name}: {value!r} resolves to {path}, outside the image folder {root} (--images)",
+        )
+    return path
 
 
 def prepare_instruct(value: Any, index: int, image_root: Path) -> Prepared:
@@ -217,24 +236,37 @@ def reference_answers(value: Any) -> list[str]:
     return answers
 
 
-def read_image(path: Path) -> tuple[str, bytes]:
+def read_image(path: Path, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[str, bytes]:
     """The image file's bytes and the shard extension to store them under.
 
-    The image is fully decoded once (a truncated JPEG only fails there); JPEG, PNG and WebP are
-    stored byte for byte, any other format PIL reads (GIF, BMP, ...) as lossless PNG of what LLaVA
-    would load (``convert("RGB")``).
+    Only a regular file of at most ``max_bytes`` is read (checked before reading, so a device such as
+    ``/dev/zero``, a FIFO or a huge file never fills memory or blocks). The image is fully decoded once
+    (a truncated JPEG only fails there); JPEG, PNG and WebP are stored byte for byte, any other format
+    PIL reads (GIF, BMP, ...) as lossless PNG of what LLaVA would load (``convert("RGB")``).
 
     Raises:
-        RecordError: ``image_file_missing`` or ``image_unreadable``, naming the file.
+        RecordError: ``image_file_missing``, ``image_not_a_file``, ``image_too_large`` or
+            ``image_unreadable``, naming the file.
     """
     try:
-        data = path.read_bytes()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise RecordError("image_not_a_file", f"{path} is not a regular file (a folder or device?)")
+        if info.st_size > max_bytes:
+            raise RecordError(
+                "image_too_large",
+                f"{path}: {info.st_size / 2**20:.3g} MB > --max-image-mb={max_bytes / 2**20:.3g}",
+            )
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since stat
     except FileNotFoundError:
         raise RecordError(
             "image_file_missing", f"{path} does not exist; check --images and the record"
         ) from None
     except OSError as exn:
         raise RecordError("image_unreadable", f"{path}: {exn}") from None
+    if len(data) > max_bytes:
+        raise RecordError("image_too_large", f"{path}: more than --max-image-mb={max_bytes / 2**20:.3g} MB")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()

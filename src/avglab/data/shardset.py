@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -238,9 +239,46 @@ class ShardSetWriter:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # ranks may write at once
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe_shard(path: Path, samples: int, start: int) -> dict:
+    """A manifest's entry for a finished shard of ``samples`` samples, the first being number ``start``."""
+    return {
+        "name": path.name,
+        "samples": samples,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "start": start,
+        "end": start + samples,
+    }
+
+
+def write_split_manifest(folder: Path, split: str, shards: list[dict], extra: dict | None = None) -> dict:
+    """Writes ``<folder>/<split>.manifest.json`` for shards written by another writer (e.g. the generator).
+
+    Readers count a shard's lost samples exactly from its entry (:func:`read_manifests`).
+
+    Args:
+        folder: the shards' folder.
+        split: split name.
+        shards: one :func:`describe_shard` entry per shard, in order.
+        extra: more manifest fields (who wrote the shards).
+    """
+    manifest = {
+        "format": FORMAT,
+        "split": split,
+        **(extra or {}),
+        "samples": sum(s["samples"] for s in shards),
+        "shards": shards,
+    }
+    _atomic_write(Path(folder) / f"{split}.manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    return manifest
 
 
 def manifest_entries(urls: Iterable[str]) -> dict[str, dict]:

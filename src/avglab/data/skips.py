@@ -16,6 +16,7 @@ import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 
 import webdataset as wds
 from webdataset.autodecode import DecodingError
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 SKIP_KEY = "__skipped__"  # rides on a batch from a worker to the main process and is removed there
 UNKNOWN_KEY = "__unknown__"  # the worker's <unk> counts, likewise
 DATA_ERRORS = (ValueError, KeyError, OSError, tarfile.TarError)
+COUNTS_UNKNOWN = "shard_cut_counts_unknown"  # counts broken shards, not samples: their loss is unknown
+TAR_BLOCK = 512
 
 
 class SkipLimitError(RuntimeError):
@@ -69,9 +72,12 @@ class ShardReader:
     """Pipeline stage: shard urls -> samples (webdataset's ``tarfile_to_samples``), one shard at a time.
 
     A truncated or unreadable shard loses the samples after the break. When the shard's sample
-    count is known (from the converter's manifest) the lost ones are counted one by one under
-    ``truncated_shard``, which also catches a shard cut exactly between two samples (tarfile reads
-    that without an error); otherwise the broken shard counts once under ``unreadable_shard``.
+    count is known (from the ``<split>.manifest.json`` the converter and the synth generator write)
+    the lost ones are counted one by one under ``truncated_shard``, which also catches a shard cut
+    exactly between two samples (tarfile reads that without an error). Without a count (a foreign
+    shard set) the loss cannot be known: a broken shard, or a local one without tar's end-of-archive
+    blocks (cut between samples), counts once per shard under ``shard_cut_counts_unknown`` and the
+    warning says the number of samples lost is unknown.
 
     Args:
         skipped: the worker's counter.
@@ -95,18 +101,50 @@ class ShardReader:
     def _account(self, url: str, read: int, errors: list[Exception]) -> None:
         """Counts what a shard lost (a partial last sample is counted downstream by its own reason)."""
         expected = self.sizes.get(url)
-        lost = max(expected - read, 0) if expected is not None else int(bool(errors))
+        if expected is None:
+            self._account_unknown(url, read, errors)
+            return
+        lost = max(expected - read, 0)
         if not lost:
             return
-        reason = "truncated_shard" if expected is not None else "unreadable_shard"
-        self.skipped[reason] += lost
+        self.skipped["truncated_shard"] += lost
         cause = f" ({errors[0]!r})" if errors else ""
-        known = f" of {expected}" if expected is not None else ""
         warnings.warn(
-            f"skipped {lost} sample(s) ({reason}): shard {url} gave {read}{known} samples{cause}; "
-            "re-convert or re-copy it",
+            f"skipped {lost} sample(s) (truncated_shard): shard {url} gave {read} of {expected} "
+            f"samples{cause}; re-convert or re-copy it",
             stacklevel=2,
         )
+
+    def _account_unknown(self, url: str, read: int, errors: list[Exception]) -> None:
+        """A shard without a known count: a broken one is counted once, and said to lose an unknown number."""
+        cut = not errors and cut_short(url)
+        if not errors and not cut:
+            return
+        self.skipped[COUNTS_UNKNOWN] += 1
+        cause = f"{errors[0]!r}" if errors else "no end-of-archive blocks: cut between two samples"
+        warnings.warn(
+            f"shard {url} is broken ({cause}) after {read} samples; no *.manifest.json gives its sample "
+            f"count, so the samples lost are unknown (counts unknown): counted once under {COUNTS_UNKNOWN}. "
+            "Re-copy it, or convert the data with python -m avglab.data.convert for exact counts",
+            stacklevel=2,
+        )
+
+
+def cut_short(url: str) -> bool:
+    """Whether a local tar file lacks the two zero blocks every tar writer ends with (False: can't tell).
+
+    Python's tarfile reads a file cut between two members without an error; the missing end-of-archive
+    blocks are what is left to tell.
+    """
+    path = Path(url[len("file://") :] if url.startswith("file://") else url)
+    if "://" in str(path) or not path.is_file():
+        return False
+    size = path.stat().st_size
+    if size % TAR_BLOCK or size < 2 * TAR_BLOCK:
+        return True
+    with open(path, "rb") as f:
+        f.seek(size - 2 * TAR_BLOCK)
+        return f.read(2 * TAR_BLOCK).strip(b"\0") != b""
 
 
 def _collect(errors: list[Exception]) -> Callable[[Exception], bool]:
@@ -175,8 +213,13 @@ class SkipBudget:
         self.unknown_by_split: dict[str, Counter] = {}
         self._warned_unknown: set[str] = set()
 
-    def absorb(self, split: str, items: Iterable[dict]) -> Iterator[dict]:
+    def absorb(self, split: str, items: Iterable[dict], resumed: bool = False) -> Iterator[dict]:
         """Main-process stage: takes the counts off each batch, checks the budget, yields real batches.
+
+        Args:
+            split: the split's name.
+            items: a pass's items from the loader.
+            resumed: the items are the rest of a pass begun before a restart (it may have none left).
 
         Raises:
             SkipLimitError: above ``max_fraction``.
@@ -196,7 +239,7 @@ class SkipBudget:
                 yield item
         self.check(split, final=True)
         self.warn_unknown(split)
-        if not batches:
+        if not batches and not resumed:
             reasons = dict(self.by_split.get(split, {}))
             raise ValueError(
                 f"the {split} split gave no samples on this rank (skipped: {reasons}); "

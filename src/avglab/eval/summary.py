@@ -16,7 +16,8 @@ LATENCY_NOTE = (
     "per selector), medians over the first stage.latency_samples test samples of each selector: "
     "vision_projector = vision tower + projector; selection = scaler + router + packing; prefill = prompt "
     "pass to the first token; decode = later tokens; total = their sum. Accuracy comes from a separate "
-    "pass at stage.eval_batch_size with left padding"
+    "pass at stage.eval_batch_size with left padding. On several ranks only rank 0 times, over its own first "
+    "samples (every other figure covers all ranks' samples)"
 )
 PHASES = ("vision_projector", "selection", "prefill", "decode", "total")
 
@@ -90,29 +91,32 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def histogram_figure(hist_by_type: dict[str, dict[str, int]], title: str):
-    """The paper's Fig. 5: share of samples per granularity, one bar group per question type."""
+    """The paper's Fig. 5: share of samples per granularity, one bar group per question type.
+
+    Question types and the title are user text: they are drawn as plain text (no mathtext, no TeX),
+    so a ``$`` in them is a dollar sign, never a parse error.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    types = sorted(hist_by_type)
-    levels = list(next(iter(hist_by_type.values())).keys()) if hist_by_type else []
-    width = 0.8 / max(1, len(types))
-    for i, qtype in enumerate(types):
-        counts = hist_by_type[qtype]
-        total = max(1, sum(counts.values()))
-        ax.bar(
-            [x + i * width for x in range(len(levels))],
-            [counts[g] / total for g in levels],
-            width,
-            label=qtype,
-        )
-    ax.set_xticks([x + width * (len(types) - 1) / 2 for x in range(len(levels))], levels)
-    ax.set_xlabel("granularity (visual tokens per tile)")
-    ax.set_ylabel("share of samples")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
+    # Texts take these settings when they are created, so the figure keeps them when saved later.
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        types = sorted(hist_by_type)
+        levels = list(next(iter(hist_by_type.values())).keys()) if hist_by_type else []
+        width = 0.8 / max(1, len(types))
+        bars = []
+        for i, qtype in enumerate(types):
+            counts = hist_by_type[qtype]
+            total = max(1, sum(counts.values()))
+            shares = [counts[g] / total for g in levels]
+            bars.append(ax.bar([x + i * width for x in range(len(levels))], shares, width))
+        ax.set_xticks([x + width * (len(types) - 1) / 2 for x in range(len(levels))], levels)
+        ax.set_xlabel("granularity (visual tokens per tile)")
+        ax.set_ylabel("share of samples")
+        ax.set_title(title)
+        ax.legend(bars, types)  # given explicitly: an auto legend hides labels that start with "_"
+        fig.tight_layout()
     return fig

@@ -11,9 +11,12 @@ from transformers import get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from avglab.core.model import AvgCore
+from avglab.data.ranks import gather_objects
+from avglab.stages import rng_state
 from avglab.stages.sharding import apply_fsdp2, is_sharded
 
 log = logging.getLogger(__name__)
+RNG_KEY = "avglab_rng_states"  # checkpoint entry: every rank's random number generators
 PARTS = ("vision", "projector", "newline", "llm", "router")
 IMAGE_PARTS = ("vision", "projector", "newline", "router")  # parts a text-only sample never reaches
 UPSTREAM = {"projector": ("vision",), "llm": ("vision", "projector", "newline")}  # parts feeding a part
@@ -80,6 +83,7 @@ class StageModule(L.LightningModule):
         self.core = core
         self.stage = stage
         self.freeze_by_config()
+        self._rng_to_restore: dict | None = None  # a checkpoint's generators, set again when training starts
 
     def freeze_by_config(self) -> None:
         """Trains exactly the parts listed in ``stage.train`` (METHOD 1.3 per stage)."""
@@ -108,6 +112,31 @@ class StageModule(L.LightningModule):
         )
         if self.logger is not None:
             self.logger.log_metrics({k: float(v) for k, v in counts.items()}, step=0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Stores every rank's random number generators (a collective on several ranks: all ranks save).
+
+        Lightning keeps no generator state; a resumed run would otherwise draw other dropout masks and
+        noise than the run it continues.
+        """
+        checkpoint[RNG_KEY] = gather_objects(rng_state.capture())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Keeps this rank's generators for ``on_train_start`` (setup could still draw from them)."""
+        states = checkpoint.get(RNG_KEY) or []
+        if len(states) == self.trainer.world_size:
+            self._rng_to_restore = states[self.global_rank]
+        elif states:
+            log.warning(
+                "the checkpoint holds random generator states of %d rank(s), this run has %d: not restored",
+                len(states),
+                self.trainer.world_size,
+            )
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            rng_state.restore(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_train_epoch_start(self) -> None:
         # Frozen parts stay in eval mode so dropout never perturbs the feedback they give.

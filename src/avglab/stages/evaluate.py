@@ -5,6 +5,11 @@ Two passes per selector, each with one job. Accuracy: every test batch is genera
 samples are generated again one at a time (batch size 1, the paper's setting) after one untimed
 warm-up pass, and timed per phase; their predictions must equal the batched ones
 (``batch1_agreement`` in metrics.json).
+
+On several ranks each rank answers its own test shards; at the end every rank's records are gathered,
+so every figure and ``predictions.jsonl`` cover each sample exactly once, and rank 0 alone writes them.
+Latency is timed on rank 0 only (its first ``stage.latency_samples`` samples): the other ranks share
+the machine and would time each other's contention.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 from avglab.core.generation import greedy_generate, synchronize
 from avglab.core.model import AvgCore
+from avglab.data.ranks import gather_objects
 from avglab.eval.metrics import exact_match
 from avglab.eval.scoring import benchmark_score, check_metric
 from avglab.eval.summary import LATENCY_NOTE, PHASES, TOKEN_NOTE, format_table, histogram_figure, summarize
@@ -92,6 +98,7 @@ class EvalStage(L.LightningModule):
         self.records: dict[str, list[dict]] = {name: [] for name, _ in self.modes}
         self.timed_count: dict[str, int] = {name: 0 for name, _ in self.modes}
         self.results: dict[str, dict] = {}
+        self.metrics: dict = {}  # metrics.json's content, set on every rank at the end of the test epoch
 
     @classmethod
     def from_config(cls, core: AvgCore, tokenizer, cfg, out_dir: Path, fingerprint: dict) -> EvalStage:
@@ -241,11 +248,12 @@ class EvalStage(L.LightningModule):
         """Re-generates the batch's first untimed samples alone, timed, until ``latency_samples`` are done.
 
         The first timed sample of each selector is preceded by one untimed pass of the same sample
-        (warm-up: lazy allocations and kernel selection would otherwise land in its numbers).
+        (warm-up: lazy allocations and kernel selection would otherwise land in its numbers). Only
+        rank 0 times: ``latency_samples`` counts its samples.
         """
         batched = len(records) > 1
         for i, record in enumerate(records):
-            if self.timed_count[name] >= self.latency_samples:
+            if self.global_rank != 0 or self.timed_count[name] >= self.latency_samples:
                 record["latency_ms"] = None
                 continue
             if not batched and self.timed_count[name] > 0:
@@ -259,12 +267,37 @@ class EvalStage(L.LightningModule):
                 record["prediction_batch1"] = alone["prediction"]
             self.timed_count[name] += 1
 
+    def gathered(self) -> tuple[dict[str, list[dict]], dict[str, dict[str, int]]]:
+        """Every rank's records per selector, rank 0's first, and the data's counts summed over ranks.
+
+        Test shards go to ranks without padding or repeats (``split_by_rank``), so each sample is
+        answered by exactly one rank and the concatenation holds every sample once.
+
+        Returns:
+            (records per selector, ``{"skipped_samples", "unknown_tokens"}`` when a datamodule counted them).
+        """
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        counts = {
+            key: dict(getattr(datamodule, attr))
+            for key, attr in (("skipped_samples", "skipped"), ("unknown_tokens", "unknown"))
+            if hasattr(datamodule, attr)
+        }
+        parts = gather_objects({"records": self.records, "counts": counts})
+        records = {name: [r for part in parts for r in part["records"][name]] for name, _ in self.modes}
+        totals: dict[str, dict[str, int]] = {key: {} for key in counts}
+        for part in parts:
+            for key, values in part["counts"].items():
+                for reason, n in values.items():
+                    totals[key][reason] = totals[key].get(reason, 0) + n
+        return records, totals
+
     def on_test_epoch_end(self) -> None:
+        records, counts = self.gathered()
         granularities = self.core.scaler.granularities
-        self.results = {name: summarize(recs, granularities) for name, recs in self.records.items()}
-        self.add_equivalent_means(self.results, self.records)
-        self.add_text_only_counts(self.results, self.records)
-        for name, recs in self.records.items():
+        self.results = {name: summarize(recs, granularities) for name, recs in records.items()}
+        self.add_equivalent_means(self.results, records)
+        self.add_text_only_counts(self.results, records)
+        for name, recs in records.items():
             self.results[name]["benchmark"] = benchmark_score(self.metric, recs)
         main = dict(self.results[self.selector_name])
         main.update(
@@ -276,6 +309,7 @@ class EvalStage(L.LightningModule):
                 "samples_per_selector": self.latency_samples,
                 "warmup_passes": 1,
                 "statistic": "median",
+                "timed_on": "rank 0",
                 "accuracy_batch_size": self.eval_batch_size,
                 "accuracy_padding": "left",
                 "max_new_tokens": self.max_new_tokens,
@@ -283,11 +317,19 @@ class EvalStage(L.LightningModule):
             granularities=granularities,
             fixed_levels={k: v for k, v in self.results.items() if k != self.selector_name},
             fingerprint=self.fingerprint,
+            ranks=self._trainer.world_size if self._trainer is not None else 1,
+            **counts,
         )
+        self.metrics = main  # every rank: the same figures
+        if self.global_rank == 0:
+            self.write(main, records[self.selector_name])
+
+    def write(self, main: dict, records: list[dict]) -> None:
+        """metrics.json, predictions.jsonl (rank by rank), routing figure, TensorBoard and the printout."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.json").write_text(json.dumps(main, indent=2))
         with open(self.out_dir / "predictions.jsonl", "w") as f:
-            for record in self.records[self.selector_name]:
+            for record in records:
                 f.write(json.dumps(record) + "\n")
         fig = histogram_figure(
             main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,7 @@ from avglab.data.tokenizer import cached_word_tokenizer
 from avglab.data.vocabulary import shard_digest, shard_vocabulary
 from avglab.focus.build import build_focus_core, check_focus, focus_enabled
 
+log = logging.getLogger(__name__)
 SELECTORS = ("avg", "image_only", "fixed", "random", "none")
 
 
@@ -218,8 +220,6 @@ def build_datamodule(
     ``data.max_length`` counts the whole sequence the LLM reads, the image's visual tokens at the
     finest level included (the model's grid tells the processor how many there are).
     """
-    from avglab.data.shardset import read_manifests
-
     data = cfg.data
     if data.kind == "synth":
         urls = ensure_synth_shards(synth_config(data), Path(data.root))
@@ -232,8 +232,8 @@ def build_datamodule(
         tokenizer=tokenizer,
         image_processor=image_processor,
         template=data.template,
-        batch_size=batch_size or data.batch_size,
-        eval_batch_size=eval_batch_size or data.eval_batch_size,
+        batch_size=batch_size if batch_size is not None else data.batch_size,  # only null falls back
+        eval_batch_size=eval_batch_size if eval_batch_size is not None else data.eval_batch_size,
         num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer,
         seed=cfg.seed,
@@ -241,5 +241,28 @@ def build_datamodule(
         grid=model_grid(cfg.model),
         epoch_samples=data.epoch_samples,
         max_skip_fraction=data.max_skip_fraction,
-        shard_sizes=read_manifests([u for split in urls.values() for u in split]),
+        shard_sizes=known_counts(urls),
     )
+
+
+def known_counts(urls: dict[str, list[str]]) -> dict[str, int]:
+    """Samples per shard from the manifests beside the shards; logs the shards whose count is unknown.
+
+    Without a count a truncated shard's loss cannot be counted exactly (see
+    :class:`~avglab.data.skips.ShardReader`), so the run says so once, up front.
+    """
+    from avglab.data.shardset import read_manifests
+    from avglab.data.skips import COUNTS_UNKNOWN
+
+    sizes = read_manifests([u for split in urls.values() for u in split])
+    unknown = {split: sum(u not in sizes for u in shards) for split, shards in urls.items()}
+    unknown = {split: n for split, n in unknown.items() if n}
+    if unknown:
+        log.warning(
+            "counts unknown: %s shard(s) per split have no per-shard sample count (no *.manifest.json lists "
+            "them), so samples lost to a broken shard are counted once per shard under %s, not exactly; "
+            "convert the data with python -m avglab.data.convert for exact counts",
+            unknown,
+            COUNTS_UNKNOWN,
+        )
+    return sizes

@@ -49,14 +49,15 @@ def apply_global_batch(trainer: L.Trainer, cfg: DictConfig) -> int:
         ValueError: both the global batch and ``trainer.accumulate_grad_batches`` are set.
     """
     global_batch = cfg.stage.get("global_batch_size")
-    if not global_batch:
+    if global_batch is None:  # null: no accumulation (0 is refused by training.validation.check_stage)
         return trainer.accumulate_grad_batches
     if trainer.accumulate_grad_batches != 1:
         raise ValueError(
             "give stage.global_batch_size or trainer.accumulate_grad_batches, not both "
             f"({global_batch} and {trainer.accumulate_grad_batches})"
         )
-    micro = cfg.stage.get("batch_size") or cfg.data.batch_size
+    micro = cfg.stage.get("batch_size")
+    micro = cfg.data.batch_size if micro is None else micro  # only null means "the data config's"
     world = data_parallel_size(trainer)
     steps = accumulation_steps(int(global_batch), int(micro), world)
     trainer.accumulate_grad_batches = steps

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -27,10 +28,13 @@ from pathlib import Path
 import webdataset as wds
 from tokenizers import normalizers, pre_tokenizers
 
+from avglab.data.shardset import describe_shard, write_split_manifest
 from avglab.data.synth.config import GENERATOR_VERSION, QUESTIONS, SPLITS, SynthConfig
 from avglab.data.synth.scene import draw_scene, sample_scene
 from avglab.data.templates import get_template
 from avglab.data.tokenizer import SPECIAL_TOKENS
+
+log = logging.getLogger(__name__)
 
 
 def make_sample(cfg: SynthConfig, split: str, index: int) -> dict:
@@ -67,9 +71,14 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> dict:
 
 
 def write_split(cfg: SynthConfig, split: str, count: int, folder: Path) -> dict:
-    """Writes one split as ``folder/<split>-%05d.tar``; returns its manifest entry."""
+    """Writes one split as ``folder/<split>-%05d.tar`` and its ``<split>.manifest.json``; returns its entry.
+
+    The split manifest holds the samples of every shard, as the converter's does, so a reader counts
+    exactly what a truncated shard lost.
+    """
     by_type: Counter = Counter()
     by_question: Counter = Counter()
+    per_shard: Counter = Counter()
     pattern = str(folder / f"{split}-%05d.tar")
     # mtime fixed: the same config gives byte-identical tar files.
     with wds.ShardWriter(pattern, maxcount=cfg.samples_per_shard, verbose=0, mtime=0.0) as sink:
@@ -79,7 +88,9 @@ def write_split(cfg: SynthConfig, split: str, count: int, folder: Path) -> dict:
             by_question[sample["json"]["synth"]["question"]] += 1
             sample["json"] = json.dumps(sample["json"], sort_keys=True).encode()
             sink.write(sample)
+            per_shard[Path(sink.fname).name] += 1
     shards = sorted(p.name for p in folder.glob(f"{split}-*.tar"))
+    _write_counts(folder, split, [per_shard[name] for name in shards], shards)
     return {"samples": count, "shards": shards, "question_type": dict(by_type), "question": dict(by_question)}
 
 
@@ -101,7 +112,39 @@ def ensure_synth_shards(cfg: SynthConfig, root: str | Path) -> dict[str, list[st
     if not (folder / "manifest.json").is_file():
         _generate(cfg, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
+    for split in SPLITS:
+        if not (folder / f"{split}.manifest.json").is_file():  # a set generated before per-shard counts
+            _add_counts(cfg, folder, split, manifest["splits"][split])
     return {split: [str(folder / name) for name in manifest["splits"][split]["shards"]] for split in SPLITS}
+
+
+def _write_counts(folder: Path, split: str, counts: list[int], shards: list[str]) -> None:
+    """The split's ``<split>.manifest.json``: samples per shard (with size and checksum)."""
+    entries, start = [], 0
+    for name, samples in zip(shards, counts, strict=True):
+        entries.append(describe_shard(folder / name, samples, start))
+        start += samples
+    write_split_manifest(
+        folder, split, entries, {"generator": "avglab.data.synth", "version": GENERATOR_VERSION}
+    )
+
+
+def _add_counts(cfg: SynthConfig, folder: Path, split: str, entry: dict) -> None:
+    """Adds the per-shard counts to a set generated without them, when its layout determines them.
+
+    The writer fills every shard to ``samples_per_shard`` before the next, so the shards listed must
+    be exactly ``ceil(samples / samples_per_shard)`` (one empty shard for an empty split); otherwise
+    the counts stay unknown and readers say so.
+    """
+    shards, total, size = entry["shards"], entry["samples"], cfg.samples_per_shard
+    counts = [min(size, total - i * size) for i in range(len(shards))] if total else [0] * len(shards)
+    if len(shards) != max(1, math.ceil(total / size)):
+        log.warning("%s: %s shards do not match the generator's layout: counts unknown", folder, split)
+        return
+    try:
+        _write_counts(folder, split, counts, shards)
+    except OSError as exn:  # a shard gone or a read-only folder: readers count what they can
+        log.warning("%s: cannot add the %s per-shard counts (%s): counts unknown", folder, split, exn)
 
 
 def _generate(cfg: SynthConfig, folder: Path) -> None:
