@@ -8,12 +8,14 @@ from transformers import LlamaConfig
 
 from avglab.run import run
 from avglab.tools.bench.flops import prefill_flops
+from avglab.tools.bench.runner import check_bench, decode_per_token, end_to_end
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     ws = tmp_path_factory.mktemp("bench")
-    fast = ["stage.repeats=1", "stage.warmup=0", "stage.inputs=1", "stage.max_new_tokens=2", "router.k=4"]
+    fast = ["stage.repeats=1", "stage.warmup=0", "stage.inputs=1", "stage.max_new_tokens=4", "router.k=4",
+            "stage.tables_at=[2]", "stage.batch_sizes=[1,3]"]  # fmt: skip
     cfg = compose_run(ws, f"{ws}/run", "stage=bench", *fast)
     result = run(cfg)
     return ws / "run", result
@@ -21,23 +23,64 @@ def bench(tmp_path_factory):
 
 def test_bench_times_every_mode_on_the_same_weights(bench):
     run_dir, result = bench
-    assert json.loads((run_dir / "bench.json").read_text())["modes"].keys() == result["modes"].keys()
-    modes = result["modes"]
+    assert json.loads((run_dir / "bench.json").read_text())["tables"] == result["tables"]
+    tables = {(t["batch_size"], t["max_new_tokens"]): t for t in result["tables"]}
+    assert list(tables) == [(1, 2), (1, 4), (3, 2), (3, 4)]  # one table per batch size and new-token count
+    modes = tables[1, 4]["modes"]
     expected = {"hf_generate", "avglab_full", "avglab_routed", "avglab_routed_full"}
     expected |= {f"avglab_fixed@{g}" for g in (4, 8, 16, 32)}
     assert set(modes) == expected
-    assert result["hf_same_tokens"]  # HF generate and avglab at full granularity decode the same ids
+    assert set(tables[3, 4]["modes"]) == {"hf_generate", "avglab_full"}  # batched: HF vs avglab full
+    # HF generate and avglab at full granularity decode the same ids, alone and in a left-padded batch,
+    # and HF's loop on avglab's prompt of every coarser level decodes what avglab decodes
+    assert result["hf_same_tokens"] and all(t["hf_same_tokens"] for t in tables.values())
     # the largest pinpoint (128x128) at full granularity: 64 global + 16x16 local + 16 newlines
     assert modes["avglab_full"]["visual_tokens"] == modes["hf_generate"]["visual_tokens"] == 336
     assert modes["avglab_routed_full"]["levels_chosen"] == [4]
     for name in ("avglab_fixed@4", "avglab_full"):
-        for phase in ("vision_projector", "prefill", "decode_per_token", "end_to_end", "llm_forward"):
+        for phase in ("vision_projector", "prefill", "decode_per_token", "hf_decode_per_token", "end_to_end",
+                      "llm_forward"):  # fmt: skip
             assert modes[name][phase] > 0
+        assert (
+            modes[name]["decode_vs_hf"]
+            == modes[name]["hf_decode_per_token"] / modes[name]["decode_per_token"]
+        )
+    for table in tables.values():  # the same runs read at 2 and 4 tokens: more tokens take longer
+        assert table["modes"]["avglab_full"]["end_to_end"] > table["modes"]["avglab_full"]["ttft"]
+    assert (
+        tables[1, 4]["modes"]["hf_generate"]["end_to_end"]
+        > tables[1, 2]["modes"]["hf_generate"]["end_to_end"]
+    )
     flops = [modes[f"avglab_fixed@{g}"]["flop_bound"] for g in (4, 8, 16, 32)]
     assert flops == sorted(flops, reverse=True) and flops[-1] > 1
-    targets = {"full_vs_hf", "routing_share_when_finest", "pipeline_efficiency_worst_level"}
-    assert set(result["targets"]) == targets
+    targets = {"full_vs_hf", "decode_vs_hf", "routing_share_when_finest", "pipeline_efficiency_worst_level"}
+    assert set(tables[1, 4]["targets"]) == targets
+    assert set(tables[3, 4]["targets"]) == {"full_vs_hf", "decode_vs_hf"}
     assert 0 < result["router_flop_share"] < 1
+
+
+def test_tables_read_the_first_n_tokens_of_one_run():
+    run_ = {"ttft": 10.0, "step_ms": [1.0, 2.0, 3.0, 6.0]}
+    assert decode_per_token(run_, 3) == 1.5 and decode_per_token(run_, 5) == 3.0
+    assert end_to_end(run_, 2) == 11.0 and end_to_end(run_, 5) == 22.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_new_tokens", 1), ("tables_at", [1]), ("tables_at", [200]), ("batch_sizes", [0]), ("repeats", 0)],
+)
+def test_bench_config_errors_name_the_key(key, value):
+    stage = {
+        "repeats": 1,
+        "inputs": 1,
+        "warmup": 0,
+        "max_new_tokens": 128,
+        "tables_at": [8],
+        "batch_sizes": [1],
+    }
+    check_bench(stage)
+    with pytest.raises(ValueError, match=key):
+        check_bench({**stage, key: value})
 
 
 def test_prefill_flops_count_linear_maps_and_causal_attention():

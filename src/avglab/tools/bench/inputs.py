@@ -1,4 +1,4 @@
-"""The benchmark's inputs: synth questions on one fixed-size image each, as batches of one."""
+"""The benchmark's inputs: synth questions on one fixed-size image each, in batches."""
 
 from __future__ import annotations
 
@@ -17,17 +17,23 @@ def largest_pinpoint(pinpoints: list[list[int]]) -> tuple[int, int]:
     return tuple(max(pinpoints, key=lambda p: (p[0] * p[1], p[0])))
 
 
-def bench_inputs(cfg, tokenizer, image_processor, pinpoints: list[list[int]]) -> list[dict]:
-    """``stage.inputs`` collate batches of one sample (synth test questions, image resized).
+def bench_inputs(
+    cfg, tokenizer, image_processor, pinpoints: list[list[int]], batch_size: int = 1
+) -> list[dict]:
+    """``stage.inputs`` collate batches of ``batch_size`` samples (synth test questions, image resized).
+
+    Batch i holds test questions i*batch_size ... (i+1)*batch_size - 1: different questions (so
+    different prompt lengths, which left padding evens out) on images of the same size.
 
     Args:
         cfg: the composed config (``data`` must be synth: its questions and template are used).
         tokenizer: the run's tokenizer.
         image_processor: the run's AnyRes image processor.
         pinpoints: the model's AnyRes resolutions, for the default image size.
+        batch_size: samples per batch.
 
     Returns:
-        Batches in the collate contract, each holding one sample.
+        Batches in the collate contract.
     """
     if cfg.data.kind != "synth":
         raise ValueError(f"stage=bench takes its questions from data=synth, got data={cfg.data.name}")
@@ -38,8 +44,11 @@ def bench_inputs(cfg, tokenizer, image_processor, pinpoints: list[list[int]]) ->
     processor = SampleProcessor(tokenizer, image_processor, cfg.data.template, cfg.data.max_length)
     synth = synth_config(cfg.data)
     batches = []
-    for index in range(cfg.stage.inputs):
-        sample = make_sample(synth, "test", index)
-        image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((width, height))
-        batches.append(collate([processor(sample["json"], image)], tokenizer.pad_token_id))
+    for first in range(0, cfg.stage.inputs * batch_size, batch_size):
+        samples = []
+        for index in range(first, first + batch_size):
+            sample = make_sample(synth, "test", index)
+            image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((width, height))
+            samples.append(processor(sample["json"], image))
+        batches.append(collate(samples, tokenizer.pad_token_id))
     return batches

@@ -1,9 +1,16 @@
 """``python -m avglab stage=bench``: times HF generate and avglab's modes on the same weights and inputs.
 
-Everything runs in one process at batch size 1. Modes are interleaved inside each repeat (HF, avglab
-full, every fixed level, routed, routed-but-finest, bare LLM per level) so slow drifts of a shared
-machine hit all modes alike; the first ``stage.warmup`` repeats are discarded and every figure is the
-median over the remaining repeats x inputs.
+Everything runs in one process. Modes are interleaved inside each repeat (at batch size 1: HF generate,
+then per level avglab fixed at that level and HF's decoding loop on the same prompt, routed,
+routed-but-finest, bare LLM per level) so slow drifts of a shared machine hit all modes alike; the
+first ``stage.warmup`` repeats are discarded and every figure is the median over the remaining
+repeats x inputs.
+
+Every generating mode decodes ``stage.max_new_tokens`` tokens and records the time of each token, so
+one table at that count and one per entry n of ``stage.tables_at`` read decode per token and end to end
+over the first n tokens of the same runs (short answers are where the first decode steps matter).
+``stage.batch_sizes`` adds tables for left-padded batches (HF generate vs avglab at full granularity on
+the same batch).
 """
 
 from __future__ import annotations
@@ -13,107 +20,157 @@ import logging
 import platform
 from collections import defaultdict
 from pathlib import Path
-from statistics import median
+from statistics import mean, median
 
 import torch
+from omegaconf import ListConfig
 
 from avglab.data.anyres import num_tiles
 from avglab.tools.bench.flops import prefill_flops, router_flops
 from avglab.tools.bench.inputs import bench_inputs
 from avglab.tools.bench.table import TARGETS, format_bench, targets
-from avglab.tools.bench.timing import avglab_run, hf_inputs, hf_run, hf_vision_run, llm_run
+from avglab.tools.bench.timing import avglab_run, hf_embeds, hf_inputs, hf_run, hf_vision_run, llm_run
 
 log = logging.getLogger(__name__)
 BENCH_NOTE = (
-    "ms per sample at batch size 1, medians over stage.repeats x stage.inputs after stage.warmup discarded "
-    "repeats; modes interleaved within a repeat. prefill = the LLM's prompt pass to the first token (TTFT "
-    "minus vision and selection); decode_per_token = later steps / their count; end_to_end = vision to last "
-    "token; llm = bare decoder stack + LM head on avglab's prompt of that level; FLOPs analytic "
-    "(avglab.tools.bench.flops)"
+    "ms per batch (per sample at batch size 1), medians over stage.repeats x stage.inputs after "
+    "stage.warmup discarded repeats; modes interleaved within a repeat; every mode decodes the same "
+    "number of tokens (no early eos) and each table reads its first n tokens. prefill = the LLM's prompt "
+    "pass to the first token (TTFT minus vision and selection); decode/tok = mean time of tokens 2..n; "
+    "HF decode/tok = HF generate's decoding loop at the same context (from pixels at full granularity, "
+    "from avglab's spliced prompt at a coarser level); end-to-end = vision to the n-th token; llm = bare "
+    "decoder stack + LM head on avglab's prompt of that level; FLOPs analytic (avglab.tools.bench.flops)"
 )
+
+
+def as_list(value) -> list[int]:
+    """An int or a list of ints from the config, as a list."""
+    return [int(v) for v in value] if isinstance(value, (list, tuple, ListConfig)) else [int(value)]
 
 
 def check_bench(stage) -> None:
     """Fails on a bench config that cannot run, naming the key."""
-    for key in ("repeats", "inputs", "max_new_tokens"):
+    for key in ("repeats", "inputs"):
         if stage[key] < 1:
             raise ValueError(f"stage.{key}={stage[key]}: must be >= 1")
-    if stage.max_new_tokens < 2:
-        raise ValueError("stage.max_new_tokens must be >= 2 to time decoding")
-    if stage.warmup < 0:
-        raise ValueError(f"stage.warmup={stage.warmup}: must be >= 0")
+    decoded = max(as_list(stage["max_new_tokens"]))
+    if decoded < 2:
+        raise ValueError(f"stage.max_new_tokens={decoded}: must be >= 2 to time decoding")
+    for n in as_list(stage.get("tables_at", [])):
+        if not 2 <= n <= decoded:
+            raise ValueError(f"stage.tables_at: {n} is not in [2, stage.max_new_tokens={decoded}]")
+    sizes = as_list(stage.get("batch_sizes", [1]))
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"stage.batch_sizes={sizes}: every entry must be >= 1")
+    if stage["warmup"] < 0:
+        raise ValueError(f"stage.warmup={stage['warmup']}: must be >= 0")
+
+
+def table_counts(stage) -> list[int]:
+    """New-token counts with a table: ``stage.tables_at`` and ``stage.max_new_tokens``, ascending."""
+    return sorted(set(as_list(stage.max_new_tokens) + as_list(stage.get("tables_at", []))))
+
+
+def bench_modes(core, batch_size: int) -> list[str]:
+    """Modes in their interleaving order: every mode at batch size 1, HF vs avglab full when batched."""
+    finest = core.scaler.num_levels - 1
+    modes = ["hf_generate", "hf_vision"]
+    if batch_size > 1:
+        return modes + [f"level{finest}"]
+    for level in range(finest + 1):  # HF's loop on a level's prompt right after avglab's run of it
+        modes += [f"level{level}"] + ([f"hf_level{level}"] if level < finest else [])
+    return modes + ["routed", "routed_full"] + [f"llm{i}" for i in range(finest + 1)]
 
 
 def run_bench(cfg, core, tokenizer, image_processor, run_dir: Path, fingerprint: dict) -> dict:
-    """Runs the benchmark, prints the Markdown table and writes ``bench.json`` into the run directory."""
+    """Runs the benchmark, prints the Markdown tables and writes ``bench.json`` into the run directory."""
     stage = cfg.stage
     check_bench(stage)
     if stage.threads:
         torch.set_num_threads(stage.threads)
     core.eval()
-    n_new = stage.max_new_tokens
-    finest = core.scaler.num_levels - 1
-    batches = bench_inputs(cfg, tokenizer, image_processor, core.config.image_grid_pinpoints)
-    hf = [hf_inputs(core, b) for b in batches]
-    modes = ["hf_generate", "hf_ttft", "hf_vision"]
-    modes += [f"level{i}" for i in range(finest + 1)] + ["routed", "routed_full"]
-    modes += [f"llm{i}" for i in range(finest + 1)]
-    samples: dict[str, list[dict]] = defaultdict(list)
-    prompts: dict[tuple[int, int], object] = {}
-    same_tokens: list[bool] = []
-    for rep in range(stage.warmup + stage.repeats):
-        log.info("bench repeat %d/%d", rep + 1, stage.warmup + stage.repeats)
-        for b, batch in enumerate(batches):
-            full_tokens = None
-            for mode in modes:
-                out = measure(core, mode, batch, hf[b], n_new, tokenizer.pad_token_id, prompts, b)
-                if mode == f"level{finest}":
-                    full_tokens = out["tokens"]
-                if mode == "hf_generate" and rep == 0:
-                    hf_tokens = out["tokens"]
-                if rep >= stage.warmup:
-                    samples[mode].append(out)
-            if rep == 0:
-                same_tokens.append(hf_tokens == full_tokens)
-    result = summarize_bench(core, samples, n_new)
-    size = batches[0]["image_sizes"][0].tolist()
-    tiles = num_tiles(size, core.config.image_grid_pinpoints, core.tile_size)
+    counts = table_counts(stage)
+    pad = tokenizer.pad_token_id
+    tables, image_size = [], None
+    for size in as_list(stage.get("batch_sizes", [1])):
+        batches = bench_inputs(cfg, tokenizer, image_processor, core.config.image_grid_pinpoints, size)
+        image_size = batches[0]["image_sizes"][0].tolist()
+        samples, same = time_modes(core, batches, bench_modes(core, size), max(counts), pad, stage)
+        for n in counts:
+            table = summarize_bench(core, samples, n)
+            table.update(batch_size=size, max_new_tokens=n, hf_same_tokens=same)
+            table["targets"] = targets(table)
+            tables.append(table)
+    tiles = num_tiles(image_size, core.config.image_grid_pinpoints, core.tile_size)
     routing = router_flops(core.selector, tiles)
-    full = result["modes"]["avglab_full"]["prefill_flops"]
-    result.update(
-        router_flops=routing,
+    full = prefill_flops(core.config.text_config, int(tables[0]["modes"]["avglab_full"]["llm_tokens"]))
+    result = {
+        "tables": tables,
+        "router_flops": routing,
         # the share scaler+router can at best take of (router + full prefill): a floor for routing_share
-        router_flop_share=routing / (routing + full),
-        note=BENCH_NOTE,
-        hf_same_tokens=all(same_tokens),  # avglab at full granularity decodes exactly what HF generates
-        granularities=core.scaler.granularities,
-        repeats=stage.repeats,
-        warmup=stage.warmup,
-        inputs=stage.inputs,
-        image_size=list(batches[0]["image_sizes"][0].tolist()),
-        max_new_tokens=n_new,
-        threads=torch.get_num_threads(),
-        machine=platform.processor() or platform.machine(),
-        fingerprint=fingerprint,
-    )
-    result["targets"] = targets(result)
+        "router_flop_share": routing / (routing + full),
+        "note": BENCH_NOTE,
+        "hf_same_tokens": all(t["hf_same_tokens"] for t in tables),
+        "granularities": core.scaler.granularities,
+        "repeats": stage.repeats,
+        "warmup": stage.warmup,
+        "inputs": stage.inputs,
+        "image_size": image_size,
+        "max_new_tokens": counts,
+        "batch_sizes": sorted({t["batch_size"] for t in tables}),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "fingerprint": fingerprint,
+        "target_thresholds": TARGETS,
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2))
     print(format_bench(result))
     return result
 
 
-def measure(core, mode: str, batch: dict, hf: dict, n_new: int, pad: int, prompts: dict, b: int) -> dict:
-    """One timed run of ``mode`` on input ``b``; caches avglab's prompt per level for the bare-LLM runs."""
+def time_modes(
+    core, batches: list[dict], modes: list[str], n_new: int, pad: int, stage
+) -> tuple[dict[str, list[dict]], bool]:
+    """Every mode on every batch, repeats outermost.
+
+    Returns:
+        The kept runs per mode, in the same (repeat, input) order for every mode, and whether HF and
+        avglab decoded the same ids (full pipeline and every level).
+    """
+    hf = [hf_inputs(core, b, pad) for b in batches]
+    samples: dict[str, list[dict]] = defaultdict(list)
+    same: list[bool] = []
+    for rep in range(stage.warmup + stage.repeats):
+        log.info("bench batch size %d, repeat %d/%d", len(batches[0]["input_ids"]), rep + 1,
+                 stage.warmup + stage.repeats)  # fmt: skip
+        for b, batch in enumerate(batches):
+            prompts: dict[int, object] = {}
+            outs = {mode: measure(core, mode, batch, hf[b], n_new, pad, prompts) for mode in modes}
+            if rep == 0:
+                same.append(
+                    outs["hf_generate"]["tokens"] == outs[f"level{core.scaler.num_levels - 1}"]["tokens"]
+                )
+                same += [
+                    outs[m]["tokens"] == outs[m[3:]]["tokens"] for m in modes if m.startswith("hf_level")
+                ]
+            if rep >= stage.warmup:
+                for mode, out in outs.items():
+                    samples[mode].append(out)
+    return samples, all(same)
+
+
+def measure(core, mode: str, batch: dict, hf: dict, n_new: int, pad: int, prompts: dict) -> dict:
+    """One timed run of ``mode``; caches avglab's prompt per level for the HF-loop and bare-LLM runs."""
     finest = core.scaler.num_levels - 1
     if mode == "hf_generate":
         return hf_run(core, hf, n_new, pad)
-    if mode == "hf_ttft":
-        return hf_run(core, hf, 1, pad)
     if mode == "hf_vision":
         return {"vision_projector": hf_vision_run(core, hf)}
+    if mode.startswith("hf_level"):
+        return hf_run(core, hf_embeds(prompts[int(mode[8:])]), n_new, pad)
     if mode.startswith("llm"):
-        return {"llm": llm_run(core, prompts[(b, int(mode[3:]))])}
+        return {"llm": llm_run(core, prompts[int(mode[3:])])}
     if mode == "routed":
         out = avglab_run(core, batch, None, n_new, route=True)
     elif mode == "routed_full":
@@ -121,7 +178,7 @@ def measure(core, mode: str, batch: dict, hf: dict, n_new: int, pad: int, prompt
     else:
         level = int(mode[5:])
         out = avglab_run(core, batch, level, n_new, route=False)
-        prompts[(b, level)] = out["prompt"]
+        prompts[level] = out["prompt"]
     out.pop("prompt")
     return out
 
@@ -135,36 +192,65 @@ def mode_label(core, mode: str) -> str:
     return {"routed": "avglab_routed", "routed_full": "avglab_routed_full"}[mode]
 
 
-def summarize_bench(core, samples: dict[str, list[dict]], n_new: int) -> dict:
-    """Medians per mode and phase, speedups against full granularity and the FLOP bounds."""
+def decode_per_token(sample: dict, n: int) -> float:
+    """Mean time of tokens 2..n of one run."""
+    return mean(sample["step_ms"][: n - 1])
+
+
+def end_to_end(sample: dict, n: int) -> float:
+    """Start to the n-th token of one run."""
+    return sample["ttft"] + sum(sample["step_ms"][: n - 1])
+
+
+def summarize_bench(core, samples: dict[str, list[dict]], n: int) -> dict:
+    """One table: medians per mode and phase at ``n`` new tokens.
+
+    Every avglab row also holds HF's decoding loop at the same context (``hf_decode_per_token``) and,
+    where the bare-LLM runs exist (batch size 1), speedups against full granularity and FLOP bounds.
+    """
 
     def med(mode: str, key: str) -> float:
         return median(s[key] for s in samples[mode])
 
+    def hf_reference(level: int) -> str:  # HF's decoding loop at the context of this level
+        return "hf_generate" if level == finest else f"hf_level{level}"
+
     finest = core.scaler.num_levels - 1
-    phases = ("vision_projector", "scaler_router", "pack_splice", "prefill", "ttft", "decode_per_token",
-              "end_to_end")  # fmt: skip
-    hf_e2e, hf_ttft = med("hf_generate", "end_to_end"), med("hf_ttft", "end_to_end")
+    hf_runs = samples["hf_generate"]
     rows = {
         "hf_generate": {
             "vision_projector": med("hf_vision", "vision_projector"),
-            "ttft": hf_ttft,
-            "decode_per_token": (hf_e2e - hf_ttft) / (n_new - 1),
-            "end_to_end": hf_e2e,
+            "ttft": med("hf_generate", "ttft"),
+            "decode_per_token": median(decode_per_token(s, n) for s in hf_runs),
+            "end_to_end": median(end_to_end(s, n) for s in hf_runs),
             "visual_tokens": samples[f"level{finest}"][0]["visual_tokens"],
             "llm_tokens": samples[f"level{finest}"][0]["llm_tokens"],
         }
     }
     text = core.config.text_config
-    full_prefill, full_llm = med(f"level{finest}", "prefill"), med(f"llm{finest}", "llm")
-    full_flops = prefill_flops(text, samples[f"level{finest}"][0]["llm_tokens"])
-    for mode in [f"level{i}" for i in range(finest + 1)] + ["routed", "routed_full"]:
+    bare = f"llm{finest}" in samples
+    if bare:
+        full_prefill, full_llm = med(f"level{finest}", "prefill"), med(f"llm{finest}", "llm")
+        full_flops = prefill_flops(text, samples[f"level{finest}"][0]["llm_tokens"])
+    phases = ("vision_projector", "scaler_router", "pack_splice", "prefill", "ttft")
+    avglab_modes = [
+        m for m in ([f"level{i}" for i in range(finest + 1)] + ["routed", "routed_full"]) if m in samples
+    ]
+    for mode in avglab_modes:
+        runs = samples[mode]
         row = {p: med(mode, p) for p in phases}
-        row["visual_tokens"] = median(s["visual_tokens"] for s in samples[mode])
-        row["llm_tokens"] = median(s["llm_tokens"] for s in samples[mode])
-        row["levels_chosen"] = sorted({s["level"] for s in samples[mode]})
+        row["decode_per_token"] = median(decode_per_token(s, n) for s in runs)
+        row["end_to_end"] = median(end_to_end(s, n) for s in runs)
+        # the same (repeat, input) run of HF's loop at the level this run fed the LLM
+        row["hf_decode_per_token"] = median(
+            decode_per_token(samples[hf_reference(s["level"])][j], n) for j, s in enumerate(runs)
+        )
+        row["decode_vs_hf"] = row["hf_decode_per_token"] / row["decode_per_token"]
+        row["visual_tokens"] = median(s["visual_tokens"] for s in runs)
+        row["llm_tokens"] = median(s["llm_tokens"] for s in runs)
+        row["levels_chosen"] = sorted({s["level"] for s in runs})
         row["routing_share"] = row["scaler_router"] / row["end_to_end"]
-        if mode.startswith("level"):
+        if mode.startswith("level") and bare:
             level = int(mode[5:])
             llm = med(f"llm{level}", "llm")
             flops = prefill_flops(text, int(row["llm_tokens"]))
@@ -177,4 +263,4 @@ def summarize_bench(core, samples: dict[str, list[dict]], n_new: int) -> dict:
             )
             row["pipeline_efficiency"] = row["prefill_speedup"] / row["llm_speedup"]
         rows[mode_label(core, mode)] = row
-    return {"modes": rows, "target_thresholds": TARGETS}
+    return {"modes": rows}
