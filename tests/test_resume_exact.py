@@ -78,7 +78,13 @@ def weights(workspace: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(workspace / "runs" / name / "model" / "core.safetensors"))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Mid-epoch and epoch end run by default; the worker and dropout cases (a minute more) in `make test-slow`.
+SLOW_CASES = {"workers_mid_pass", "router_dropout"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
+)
 def test_killed_and_resumed_equals_a_straight_run(tmp_path, case):
     _, kill, total, _ = CASES[case]
     straight = train(tmp_path, case, "straight", total)

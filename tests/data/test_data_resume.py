@@ -68,8 +68,10 @@ def checkpointed(dm: ShardDataModule) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("epoch_samples", [None, 28])  # one pass an epoch; 7 batches, more than a pass
+@pytest.mark.parametrize(
+    ("workers", "epoch_samples"),  # None: one pass an epoch; 28: 7 batches, more than a pass
+    [(0, None), (0, 28), (2, None), pytest.param(2, 28, marks=pytest.mark.slow)],
+)
 def test_resumed_stream_continues_the_uninterrupted_one(
     synth_urls, short_tokenizer, image_processor, workers, epoch_samples
 ):
