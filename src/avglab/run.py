@@ -22,6 +22,9 @@ from avglab.training.build import build_core, build_datamodule, saved_tokenizer
 from avglab.training.checkpoints import check_explicit, newest_intact, use_atomic_saves
 from avglab.training.eval_after import eval_after_config
 from avglab.training.global_batch import apply_global_batch
+from avglab.training.library_warnings import silence_library_warnings
+from avglab.training.monitoring import ValidationHistory, load_best, monitor_callbacks
+from avglab.training.progress import progress_callbacks
 from avglab.training.strategies import check_strategy
 from avglab.training.validation import check_stage
 
@@ -138,8 +141,15 @@ def is_multirun_job() -> bool:
 
 
 def stage_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks the stage config asks for (``run`` builds them first: a bad value fails before any model)."""
-    return [TrainableEMA(cfg.stage.ema_decay)] if cfg.stage.get("ema_decay") is not None else []
+    """Callbacks the stage config asks for (``run`` builds them first: a bad value fails before any model).
+
+    Training stages: the EMA (``stage.ema_decay``), the validation history and ``stage.monitor``'s
+    best checkpoint and early stop (``training.monitoring``).
+    """
+    if cfg.stage.name in ("eval", "bench"):
+        return []
+    ema = [TrainableEMA(cfg.stage.ema_decay)] if cfg.stage.get("ema_decay") is not None else []
+    return ema + monitor_callbacks(cfg.stage, Path(cfg.run_dir))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra: list[L.Callback] | None = None) -> L.Trainer:
@@ -154,8 +164,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra: list[L.Callback] | None
         LearningRateMonitor(logging_interval="step"),
         *(stage_callbacks(cfg) if extra is None else extra),
     ]
+    bar, watchers = progress_callbacks(cfg.progress, cfg.progress_every)
     strategy = instantiate(cfg.strategy) if "_target_" in cfg.strategy else cfg.strategy.name
-    trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks, strategy=strategy)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate(cfg.logger),
+        callbacks=callbacks + watchers,
+        strategy=strategy,
+        enable_progress_bar=bar,
+    )
     use_atomic_saves(trainer)  # a killed save never leaves a torn last.ckpt (training.checkpoints)
     if cfg.stage.name != "eval":
         apply_global_batch(trainer, cfg)  # stage.global_batch_size -> accumulation for this world size
@@ -200,6 +217,7 @@ def load_weights(cfg: DictConfig, core, init: Path | None):
 
 def run(cfg: DictConfig) -> dict:
     """Runs the configured stage and returns its metrics: bench, eval, or a training fit."""
+    silence_library_warnings()
     L.seed_everything(cfg.seed, workers=True)
     check_strategy(cfg)
     check_stage(cfg)  # value ranges (lr, warmup, steps, batch sizes) before any folder or model
@@ -248,10 +266,19 @@ def fit(cfg: DictConfig, core, trainer: L.Trainer, datamodule, init: Path | None
     module = get_class(cfg.stage.module)(core=core, stage=cfg.stage)
     if hasattr(module, "fit_datamodule"):  # e.g. stage=rglf_cached trains from a feedback cache
         datamodule = module.fit_datamodule(cfg, datamodule, init)
+    if not datamodule.has_validation:  # validation off, rather than an empty loader Lightning warns about
+        trainer.limit_val_batches = 0
     module.train()  # builders return eval-mode models; frozen parts go back to eval each epoch
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)  # never unpickle code
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # as of the last step:
+    metrics["step"] = trainer.global_step
+    history = next((c for c in trainer.callbacks if isinstance(c, ValidationHistory)), None)
+    if history is not None and history.best is not None:
+        metrics["best_val"] = history.best  # {"step": s, "val/...": ...} of the best validation
+    best = load_best(trainer, module)  # stage.monitor: the stage output is the best checkpoint
+    if best is not None:
+        metrics["stage_output_from"] = best
     metrics.update(module.parameter_counts())
     metrics["fit_seconds"] = time.perf_counter() - start
     metrics["skipped_samples"] = dict(datamodule.skipped)

@@ -1,6 +1,7 @@
 """stage=bench on the tiny model: every mode timed, HF and avglab agree, FLOPs and targets reported."""
 
 import json
+import logging
 
 import pytest
 from stage_config import compose_run
@@ -14,15 +15,34 @@ from avglab.tools.bench.runner import check_bench, decode_per_token, end_to_end
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     ws = tmp_path_factory.mktemp("bench")
-    fast = ["stage.repeats=1", "stage.warmup=0", "stage.inputs=1", "stage.max_new_tokens=4", "router.k=4",
+    fast = ["stage.repeats=2", "stage.warmup=0", "stage.inputs=1", "stage.max_new_tokens=4", "router.k=4",
             "stage.tables_at=[2]", "stage.batch_sizes=[1,3]"]  # fmt: skip
     cfg = compose_run(ws, f"{ws}/run", "stage=bench", *fast)
-    result = run(cfg)
-    return ws / "run", result
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("avglab.tools.bench.runner")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        result = run(cfg)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return ws / "run", result, lines
+
+
+def test_bench_shows_progress_with_an_eta(bench):
+    repeats = [line for line in bench[2] if line.startswith("bench batch size 1, repeat")]
+    assert [line.split(" (")[0] for line in repeats] == [
+        "bench batch size 1, repeat 1/2",
+        "bench batch size 1, repeat 2/2",
+    ]
+    assert repeats[0].endswith("ETA ?)") and "ETA ?" not in repeats[1]  # an estimate once a repeat is done
 
 
 def test_bench_times_every_mode_on_the_same_weights(bench):
-    run_dir, result = bench
+    run_dir, result, _ = bench
     assert json.loads((run_dir / "bench.json").read_text())["tables"] == result["tables"]
     tables = {(t["batch_size"], t["max_new_tokens"]): t for t in result["tables"]}
     assert list(tables) == [(1, 2), (1, 4), (3, 2), (3, 4)]  # one table per batch size and new-token count

@@ -135,3 +135,11 @@ def test_cache_is_built_once_then_reused_and_a_foreign_spec_is_refused(routed_co
 def test_too_few_samples_is_an_error_naming_the_key(routed_core, batch):
     with pytest.raises(ValueError, match="stage.cache_"):
         fc.compute_cache(routed_core, iter([batch]), samples=10)
+
+
+def test_building_a_cache_shows_progress(routed_core, batch, caplog):
+    with caplog.at_level("INFO", logger="avglab.avg.feedback_cache"):
+        fc.compute_cache(routed_core, iter([batch]), samples=4)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("feedback cache (")]
+    assert lines and lines[-1].startswith("feedback cache (stage.cache_train_samples): 4/4 samples (100%)")
+    assert "samples/s" in lines[-1] and "ETA" in lines[-1]

@@ -27,7 +27,7 @@ def make_cfg(workspace: Path, stage: str, *overrides: str, tag: str = ""):
     return compose_stage(workspace, stage, *TINY, *batch, *overrides, tag=tag)
 
 
-def test_focus_trains_and_evaluation_reports_first_layer_and_equivalent_tokens(tmp_path):
+def test_focus_trains_and_evaluation_reports_first_layer_and_equivalent_tokens(tmp_path, capsys):
     trained = run(make_cfg(tmp_path, "focus", "focus=both", "stage.previous=null"))
     assert 0 < trained["params/trainable"] <= trained["params/total"]
     assert {"train/loss_balance", "train/visual_tokens_equivalent_mean"} <= set(trained)
@@ -40,6 +40,14 @@ def test_focus_trains_and_evaluation_reports_first_layer_and_equivalent_tokens(t
     )  # the vision sampler never adds
     full = metrics["fixed_levels"]["fixed@64"]
     assert full["visual_tokens_mean"] == metrics["visual_tokens_full_mean"]
+    # the fixed@g rows are the plain fixed-level baselines: no text sampler pruning inside the LLM
+    for row in metrics["fixed_levels"].values():
+        assert row["visual_tokens_equivalent_mean"] == row["visual_tokens_mean"]
+    # the samplers choose no granularity level: "n/a", and no all-zero histogram figure
+    assert metrics["visual_tokens_per_grid_mean"] is None and metrics["per_grid_kept"] is None
+    assert not (tmp_path / "runs" / "eval" / "granularity_histogram.png").exists()
+    focus_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| focus_both"))
+    assert "| n/a |" in focus_row
     line = json.loads((tmp_path / "runs" / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     assert line["visual_tokens_equivalent"] <= line["visual_tokens"]
 

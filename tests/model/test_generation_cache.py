@@ -1,6 +1,8 @@
 """Greedy decoding's reserved KV cache and masks (issue 21): what HF's DynamicCache computes, without
 copying the cache per token, and no attention mask where no row is padded."""
 
+import functools
+
 import torch
 from test_generation_batched import prompts_of
 from tiny_batches import LEVELS, SIZES, make_batch
@@ -92,6 +94,7 @@ def test_no_mask_without_padding_and_reserved_views_with_padding(llava, image_pr
     seen = []
     forward = type(language_model).forward
 
+    @functools.wraps(forward)  # keeps the signature: generation reads the cache keyword off it
     def spy(self, *args, **kwargs):
         seen.append((kwargs["attention_mask"], kwargs["cache"]))
         return forward(self, *args, **kwargs)

@@ -39,6 +39,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from avglab.core.model import AvgCore
 from avglab.core.provenance import shards_digest, state_sha256
+from avglab.data.rates import RateMeter
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the stored tensors change meaning (2: text-only rows NaN, no instruction)
@@ -143,6 +144,7 @@ def compute_cache(
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in TENSORS}
     ids: list[str] = []
     types: list[str] = []
+    meter, shown = RateMeter(), 0  # a line every 10% of the samples (scoring N levels is slow)
     try:
         for batch in batches:
             tiles, owner = core.project(batch["pixel_values"], batch["image_sizes"], batch["has_image"])
@@ -166,6 +168,12 @@ def compute_cache(
                 parts["has_image"].append(batch["has_image"][b : b + 1].cpu())
                 ids.append(str(batch["ids"][b]))
                 types.append(str(batch["question_type"][b]) if "question_type" in batch else "")
+            meter.update(len(ids), len(batch["input_ids"]))
+            if len(ids) * 10 // samples > shown:
+                shown = len(ids) * 10 // samples
+                speed, eta = meter.rates(len(ids), samples)
+                log.info("feedback cache (%s): %d/%d samples (%d%%) samples/s %.1f ETA %s",
+                         key, len(ids), samples, 100 * len(ids) // samples, speed, eta)  # fmt: skip
             if len(ids) == samples:
                 break
     finally:

@@ -17,10 +17,8 @@ Per decode step this does less than Hugging Face's ``generate`` on LLaVA-NeXT (i
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
-from functools import cache as memoize
 
 import torch
 from torch import nn
@@ -29,6 +27,7 @@ from transformers.cache_utils import DynamicLayer
 
 from avglab.core.model import AvgCore
 from avglab.core.splice import Spliced
+from avglab.core.transformers_names import cache_keyword
 
 
 def synchronize(device: torch.device) -> None:
@@ -144,11 +143,9 @@ def reserved_cache(config, capacity: int) -> DynamicCache:
     return cache
 
 
-@memoize
 def cache_argument(forward_type: type) -> str:
     """The name under which the language model takes its cache (``cache`` from transformers 5.2x on)."""
-    parameters = inspect.signature(forward_type.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return cache_keyword(forward_type.forward)
 
 
 def language_model_step(

@@ -16,7 +16,6 @@ where the checkpoint was taken (:mod:`avglab.data.resume`).
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
@@ -173,6 +172,11 @@ class ShardDataModule(L.LightningDataModule):
             )
         return self._train_loader(batches)
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether a val split is configured (validation is off without one)."""
+        return "val" in self.urls
+
     def val_dataloader(self) -> wds.WebLoader | list:
         """Validation batches in shard order (each sample once over all ranks); [] without a val split."""
         if "val" not in self.urls:
@@ -230,10 +234,6 @@ class ShardDataModule(L.LightningDataModule):
             self._start = Start(mine["pass"] + 1)
             return
         self._start = Start.after(mine, self._train_batches())
-        # Lightning warns that a mid-epoch checkpoint cannot resume a loader without state: this one can.
-        warnings.filterwarnings(
-            "ignore", message="You're resuming from a checkpoint that ended before the epoch"
-        )
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Takes the position off a train batch: Lightning trains on this batch next."""

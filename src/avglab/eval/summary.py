@@ -43,7 +43,7 @@ def summarize(records: list[dict], granularities: list[int]) -> dict:
     tokens = mean(r["visual_tokens"] for r in records)
     full = mean(r["visual_tokens_full"] for r in records)
     with_image = [r["granularity"] for r in records if r["level"] >= 0]
-    per_grid = mean(with_image) if with_image else 0.0
+    per_grid = mean(with_image) if with_image else None  # None: no level chosen (text-only, FocusLLaVA)
     timed = [r for r in records if r.get("latency_ms")]
     same = [r["prediction_batch1"] == r["prediction"] for r in timed if "prediction_batch1" in r]
     return {
@@ -54,7 +54,7 @@ def summarize(records: list[dict], granularities: list[int]) -> dict:
         "visual_tokens_full_mean": full,
         "token_reduction": 1 - tokens / full if full else 0.0,
         "visual_tokens_per_grid_mean": per_grid,
-        "per_grid_kept": per_grid / granularities[-1] if with_image else 0.0,
+        "per_grid_kept": per_grid / granularities[-1] if with_image else None,
         "granularity_histogram": {str(g): levels.get(i, 0) for i, g in enumerate(granularities)},
         "granularity_histogram_by_type": hist_by_type,
         "latency_ms": {p: median(r["latency_ms"][p] for r in timed) for p in PHASES} if timed else {},
@@ -64,30 +64,47 @@ def summarize(records: list[dict], granularities: list[int]) -> dict:
     }
 
 
+def score_in_percent(metric: str) -> bool:
+    """Whether a benchmark metric is a share (shown in percent, as accuracy); MME's is a point score."""
+    return metric != "mme"
+
+
 def format_table(results: dict[str, dict]) -> str:
-    """A Markdown table: one row per selector (routed and fixed levels)."""
+    """A Markdown table: one row per selector (routed and fixed levels), each column's unit in its header.
+
+    Shares (accuracy, a share-valued benchmark metric, tokens vs full) are percent; MME's score is
+    its own points; ``per grid`` is "n/a" for a selector that chooses no level (FocusLLaVA's samplers).
+    """
     types = sorted({t for m in results.values() for t in m["accuracy_by_type"]})
     bench = next(iter(results.values())).get("benchmark")
-    score_head = [f"{bench['metric']}"] if bench else []
+    percent = bench is not None and score_in_percent(bench["metric"])
+    score_head = [f"{bench['metric']} ({'%' if percent else 'points'})"] if bench else []
     head = [
-        "selector", "accuracy", *score_head, *[f"acc {t}" for t in types], "visual tokens", "vs full",
-        "per grid", "latency ms (bs 1)",
+        "selector", "accuracy (%)", *score_head, *[f"acc {t} (%)" for t in types], "visual tokens (mean)",
+        "vs full (%)", "per grid (tokens, % of finest)", "latency ms (bs 1)",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results.items():
         latency = m["latency_ms"].get("total")
+        score = m["benchmark"]["score"] if bench else None
+        per_grid = m["visual_tokens_per_grid_mean"]
         row = [
             name,
             f"{100 * m['accuracy']:.1f}",
-            *([f"{m['benchmark']['score']:.4g}"] if bench else []),
+            *([f"{100 * score:.1f}" if percent else f"{score:.4g}"] if bench else []),
             *[f"{100 * m['accuracy_by_type'].get(t, float('nan')):.1f}" for t in types],
             f"{m['visual_tokens_mean']:.1f}",
-            f"{100 * (1 - m['token_reduction']):.1f}%",
-            f"{m['visual_tokens_per_grid_mean']:.1f} ({100 * m['per_grid_kept']:.1f}%)",
+            f"{100 * (1 - m['token_reduction']):.1f}",
+            "n/a" if per_grid is None else f"{per_grid:.1f} ({100 * m['per_grid_kept']:.1f}%)",
             "-" if latency is None else f"{latency:.1f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def routed_any(hist_by_type: dict[str, dict[str, int]]) -> bool:
+    """Whether any sample chose a granularity (FocusLLaVA's samplers and text-only sets choose none)."""
+    return any(n for counts in hist_by_type.values() for n in counts.values())
 
 
 def histogram_figure(hist_by_type: dict[str, dict[str, int]], title: str):

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from avglab.core.transformers_names import cache_keyword
 from avglab.focus.text_sampler import TextPlan, compact, select_by_gamma, visual_attention_scores
 
 
@@ -86,9 +87,9 @@ class PrunedLanguageModel:
             config=self.lm.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=cache,
             position_ids=position_ids,
             layer_idx=layer_idx,
+            **{cache_keyword(create_causal_mask): cache},
         )
 
     def forward(
@@ -138,8 +139,8 @@ class PrunedLanguageModel:
                 hidden,
                 attention_mask=causal,
                 position_ids=pos,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{cache_keyword(type(layer).forward): cache},
                 position_embeddings=pe,
             )
             if not bool(here.any()):
@@ -203,8 +204,8 @@ class PrunedLanguageModel:
                 hidden,
                 attention_mask=masks[which],
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_keyword(type(layer).forward): cache},
                 position_embeddings=pe,
             )
         return self.lm.norm(hidden)

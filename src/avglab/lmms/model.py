@@ -123,8 +123,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class _PluginEval(EvalStage):
     """avglab's evaluation stage, keeping the last prompt and generation to count their tokens."""
 
-    def generate(self, prompt, batch: dict):  # noqa: D102 - EvalStage.generate
-        self.last_prompt, self.last_generated = prompt, super().generate(prompt, batch)
+    def generate(self, prompt, batch: dict, level: int | None = None):  # noqa: D102 - EvalStage.generate
+        self.last_prompt, self.last_generated = prompt, super().generate(prompt, batch, level)
         return self.last_generated
 
 

@@ -11,6 +11,7 @@ from transformers import get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from avglab.core.model import AvgCore
+from avglab.core.transformers_names import is_checkpointing
 from avglab.data.ranks import gather_objects
 from avglab.stages import rng_state
 from avglab.stages.sharding import apply_fsdp2, is_sharded
@@ -146,7 +147,7 @@ class StageModule(L.LightningModule):
             for module in self.frozen_modules(part):
                 module.eval()
             upstream_trains = set(UPSTREAM.get(part, ())) & set(self.stage.train)
-            if upstream_trains and self.core.llava.is_gradient_checkpointing:
+            if upstream_trains and is_checkpointing(self.core.llava):
                 # Gradients still flow through this frozen part (stage 1: LLM -> projector). HF only
                 # recomputes layers in training mode, so its checkpointed layers (dropout-free in
                 # LLaVA-NeXT's LLMs and CLIP) go back to train mode: model.gradient_checkpointing acts.

@@ -27,7 +27,16 @@ from avglab.core.model import AvgCore
 from avglab.data.ranks import gather_objects
 from avglab.eval.metrics import exact_match
 from avglab.eval.scoring import benchmark_score, check_metric
-from avglab.eval.summary import LATENCY_NOTE, PHASES, TOKEN_NOTE, format_table, histogram_figure, summarize
+from avglab.eval.summary import (
+    LATENCY_NOTE,
+    PHASES,
+    TOKEN_NOTE,
+    format_table,
+    histogram_figure,
+    routed_any,
+    score_in_percent,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +156,7 @@ class EvalStage(L.LightningModule):
         prompt = core.splice(
             batch["prompt_input_ids"], batch["prompt_attention_mask"], visual, padding_side="left"
         )
-        generated = self.generate(prompt, batch)
+        generated = self.generate(prompt, batch, level)
         equivalent = self.equivalent_tokens(generated, visual)
         full = core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu())[:, -1]
         size = len(batch["input_ids"])
@@ -165,6 +174,9 @@ class EvalStage(L.LightningModule):
             ids = ids[: ids.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in ids else ids
             prediction = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
             has_image = bool(batch["has_image"][i])
+            # FocusLLaVA's samplers choose no level (FOCUS_LEVEL = -1), so no granularity either
+            chosen = int(levels[i]) >= 0 and has_image
+            granularity = core.scaler.granularities[int(levels[i])] if chosen else 0
             records.append(
                 {
                     "id": batch["ids"][i],
@@ -174,7 +186,7 @@ class EvalStage(L.LightningModule):
                     "correct": exact_match(prediction, batch["answers"][i]),
                     "has_image": has_image,  # text-only: answered, never routed (level -1, 0 tokens)
                     "level": int(levels[i]) if has_image else -1,
-                    "granularity": core.scaler.granularities[int(levels[i])] if has_image else 0,
+                    "granularity": granularity,
                     "visual_tokens": 0 if visual[i] is None else len(visual[i]),
                     "visual_tokens_full": int(full[i]),
                     "visual_tokens_equivalent": float(equivalent[i]),
@@ -191,10 +203,11 @@ class EvalStage(L.LightningModule):
             f"eval/{name}/accuracy": m["accuracy"],
             f"eval/{name}/{bench['metric']}": bench["score"],
             f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"],
-            f"eval/{name}/visual_tokens_per_grid_mean": m["visual_tokens_per_grid_mean"],
             f"eval/{name}/visual_tokens_equivalent_mean": m["visual_tokens_equivalent_mean"],
             f"eval/{name}/text_only_samples": m["text_only_samples"],
         }
+        if m["visual_tokens_per_grid_mean"] is not None:  # a selector that chooses no level has none
+            out[f"eval/{name}/visual_tokens_per_grid_mean"] = m["visual_tokens_per_grid_mean"]
         out.update({f"eval/{name}/{bench['metric']}_{k}": v for k, v in bench["components"].items()})
         out.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
         total = max(1, sum(m["granularity_histogram"].values()))
@@ -204,10 +217,14 @@ class EvalStage(L.LightningModule):
         return out
 
     # --- in-LLM pruning (FocusLLaVA's text sampler): its decoding loop and layer-weighted tokens ---
-    def generate(self, prompt, batch: dict):
-        """Greedy decoding; a core with its own loop (``FocusCore.generate_greedy``) runs that one."""
+    def generate(self, prompt, batch: dict, level: int | None = None):
+        """Greedy decoding; a core with its own loop (``FocusCore.generate_greedy``) runs that one.
+
+        The ``fixed@g`` rows (``level`` given) decode with the plain loop on every core, so on a
+        FocusLLaVA core they are the fixed-level baselines, without the text sampler's in-LLM pruning.
+        """
         own = getattr(self.core, "generate_greedy", None)
-        if own is not None:
+        if own is not None and level is None:
             return own(prompt, batch, self.max_new_tokens, self.tokenizer.eos_token_id)
         return greedy_generate(self.core, prompt, self.max_new_tokens, self.tokenizer.eos_token_id)
 
@@ -331,21 +348,27 @@ class EvalStage(L.LightningModule):
         with open(self.out_dir / "predictions.jsonl", "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
-        fig = histogram_figure(
-            main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}"
-        )
-        fig.savefig(self.out_dir / "granularity_histogram.png", dpi=100)
+        fig = None
+        if routed_any(main["granularity_histogram_by_type"]):  # no level chosen: no empty figure
+            fig = histogram_figure(
+                main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}"
+            )
+            fig.savefig(self.out_dir / "granularity_histogram.png", dpi=100)
         if self.logger is not None:
             for name, m in self.results.items():
                 self.logger.log_metrics(self.scalars(name, m), step=0)
-            self.logger.experiment.add_figure("eval/granularity_histogram", fig, global_step=0)
+            if fig is not None:
+                self.logger.experiment.add_figure("eval/granularity_histogram", fig, global_step=0)
             self.logger.experiment.flush()
         print(format_table(self.results))
+        routing = main["granularity_histogram_by_type"]
         print(
             f"granularity histogram ({self.selector_name}, by question type): "
-            f"{main['granularity_histogram_by_type']}"
+            + (str(routing) if routed_any(routing) else "n/a (no granularity level is chosen)")
         )
-        print(f"{self.metric}: {main['benchmark']['score']:.4g} ({main['benchmark']['counted']})")
+        score = main["benchmark"]["score"]
+        shown = f"{100 * score:.1f}%" if score_in_percent(self.metric) else f"{score:.4g} points"
+        print(f"{self.metric}: {shown} ({main['benchmark']['counted']})")
         print(f"latency ({LATENCY_NOTE}; {main['latency_samples']} samples): {main['latency_ms']}")
         print(f"tokens: {TOKEN_NOTE}")
         print(

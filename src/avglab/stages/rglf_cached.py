@@ -87,6 +87,11 @@ class FeedbackCacheDataModule(L.LightningDataModule):
             self.train, self.batch_size, shuffle=True, generator=generator, collate_fn=FeedbackCache.collate
         )
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether validation samples were cached (``stage.cache_val_samples`` > 0 and a val split)."""
+        return self.val is not None
+
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if self.val is None:
             return []

@@ -26,6 +26,7 @@ import torch
 from omegaconf import ListConfig
 
 from avglab.data.anyres import num_tiles
+from avglab.data.rates import RateMeter
 from avglab.tools.bench.flops import prefill_flops, router_flops
 from avglab.tools.bench.inputs import bench_inputs
 from avglab.tools.bench.table import TARGETS, format_bench, targets
@@ -141,9 +142,12 @@ def time_modes(
     hf = [hf_inputs(core, b, pad) for b in batches]
     samples: dict[str, list[dict]] = defaultdict(list)
     same: list[bool] = []
-    for rep in range(stage.warmup + stage.repeats):
-        log.info("bench batch size %d, repeat %d/%d", len(batches[0]["input_ids"]), rep + 1,
-                 stage.warmup + stage.repeats)  # fmt: skip
+    total, meter = stage.warmup + stage.repeats, RateMeter()
+    meter.update(0, 0)  # the clock starts at the first repeat
+    for rep in range(total):
+        _, eta = meter.rates(rep, total)  # from the repeats done so far
+        log.info("bench batch size %d, repeat %d/%d (%d modes x %d inputs; ETA %s)",
+                 len(batches[0]["input_ids"]), rep + 1, total, len(modes), len(batches), eta)  # fmt: skip
         for b, batch in enumerate(batches):
             prompts: dict[int, object] = {}
             outs = {mode: measure(core, mode, batch, hf[b], n_new, pad, prompts) for mode in modes}
@@ -157,6 +161,7 @@ def time_modes(
             if rep >= stage.warmup:
                 for mode, out in outs.items():
                     samples[mode].append(out)
+        meter.update(rep + 1, len(batches))
     return samples, all(same)
 
 
