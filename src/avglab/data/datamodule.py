@@ -2,8 +2,9 @@
 
 Skipped samples are counted by reason in ``ShardDataModule.skipped``: ``truncated_answer`` /
 ``truncated_image`` / template rules from the processor, a :class:`RecordError` reason for a
-malformed record, ``truncated_shard`` / ``unreadable_shard`` for broken tar files, and the
-exception type for other unreadable data (see :mod:`avglab.data.skips`). Loader workers send
+malformed record, ``truncated_shard`` (one per lost sample) or ``shard_cut_counts_unknown`` (one
+per broken shard without a manifest count) for broken tar files, and the exception type for
+other unreadable data (see :mod:`avglab.data.skips`). Loader workers send
 their counts to the main process along with the batches, so the counter is complete with any
 ``num_workers``; above ``max_skip_fraction`` the loader stops the run. Kept samples with ``<unk>``
 ids (words a word-level tokenizer lacks) travel the same way into ``ShardDataModule.unknown``.
