@@ -172,7 +172,7 @@ def compute_cache(
             if len(ids) * 10 // samples > shown:
                 shown = len(ids) * 10 // samples
                 speed, eta = meter.rates(len(ids), samples)
-                log.info("feedback cache (%s): %d/%d samples (%d%%) samples/s %.1f ETA %s",
+                log.info("feedback cache (%s): %d/%d samples (%d%%) samples/s %s ETA %s",
                          key, len(ids), samples, 100 * len(ids) // samples, speed, eta)  # fmt: skip
             if len(ids) == samples:
                 break

@@ -8,6 +8,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from avglab.core.hub import from_hub
+from avglab.core.transformers_names import enable_checkpointing
 from avglab.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
 
 TINY_MAX_POSITIONS = 4096  # the tiny LLaMA's max_position_embeddings (data.max_length is checked against it)
@@ -121,7 +122,7 @@ def configure_llava(
     if attn is not None and attn != model.config._attn_implementation:
         model.set_attn_implementation(attn)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
 
 

@@ -2,7 +2,8 @@
 
 The old names still work in 5.2x but warn on every call (``past_key_values`` -> ``cache`` in decoder
 layers, models and ``create_causal_mask``; ``is_gradient_checkpointing`` ->
-``is_activation_checkpointing``), so avglab asks for the name the installed version uses.
+``is_activation_checkpointing``, ``gradient_checkpointing_enable`` -> ``activation_checkpointing_enable``),
+so avglab asks for the name the installed version uses.
 """
 
 from __future__ import annotations
@@ -25,3 +26,11 @@ def is_checkpointing(model: nn.Module) -> bool:
     if hasattr(type(model), "is_activation_checkpointing"):
         return model.is_activation_checkpointing
     return model.is_gradient_checkpointing
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turns on transformers' non-reentrant activation (gradient) checkpointing on every layer."""
+    if hasattr(type(model), "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -28,11 +28,11 @@ class RateMeter:
             return
         self.samples += samples
 
-    def rates(self, done: int, total: int | None) -> tuple[float, str]:
-        """(samples/s, ETA text) at ``done`` of ``total``."""
+    def rates(self, done: int, total: int | None) -> tuple[str, str]:
+        """(samples/s, ETA) as text at ``done`` of ``total``; ``?`` before a second update."""
         elapsed = time.perf_counter() - self.start if self.start is not None else 0.0
         steps = done - self.done_at_start
         if elapsed <= 0 or steps <= 0:
-            return 0.0, "?"
+            return "?", "?"
         eta = duration((total - done) * elapsed / steps) if total else "?"
-        return self.samples / elapsed, eta
+        return f"{self.samples / elapsed:.1f}", eta

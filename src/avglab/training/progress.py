@@ -64,7 +64,7 @@ class ProgressLog(L.Callback):
         parts = [f"step {step}/{total}" + (f" ({100 * step / total:.0f}%)" if total else "")]
         parts += [f"loss {float(loss):.4f}"] if loss is not None else []
         parts += [f"lr {lr:.2e}"] if lr is not None else []
-        parts += [f"samples/s {speed:.1f}", f"ETA {eta}"]
+        parts += [f"samples/s {speed}", f"ETA {eta}"]
         log.info(" ".join(parts))
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -83,7 +83,7 @@ class ProgressLog(L.Callback):
         total = size("test") if size is not None else None  # from the manifests; None when unknown
         speed, eta = self.eval.rates(self.eval_samples, total)
         share = f", {100 * self.eval_samples / total:.0f}%" if total else ""
-        log.info("eval batch %d (%d/%s samples%s) samples/s %.1f ETA %s",
+        log.info("eval batch %d (%d/%s samples%s) samples/s %s ETA %s",
                  done, self.eval_samples, total or "?", share, speed, eta)  # fmt: skip
 
 
