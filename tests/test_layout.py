@@ -15,7 +15,7 @@ SRC = Path(avglab.__file__).parent
 LAYERS = [
     {"data", "eval"},  # shards, processor, templates, AnyRes geometry; metrics and tables
     {"core"},  # the shared LLaVA-NeXT core, the selector interface
-    {"avg", "focus"},  # the methods
+    {"avg", "focus", "reduce"},  # the methods; reduce: the training-free baselines (FastV, VTW, PruMerge+)
     {"stages"},  # one LightningModule per stage
     {"training"},  # building a run, strategies, global batch
     {"tools", "lmms", "run", "cli", "__main__", "export", "report", "memory"},  # entry points

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from avglab.core.provenance import base_checkpoint, data_digest
 from avglab.core.weights import full_core_state, load_core, load_router, save_core
+from avglab.reduce.build import attach as attach_reduction
 from avglab.stages.averaging import TrainableEMA
 from avglab.stages.evaluate import EvalStage
 from avglab.training.build import build_core, build_datamodule, saved_tokenizer
@@ -26,6 +27,7 @@ from avglab.training.library_warnings import silence_library_warnings
 from avglab.training.monitoring import ValidationHistory, load_best, monitor_callbacks
 from avglab.training.progress import progress_callbacks
 from avglab.training.strategies import check_strategy
+from avglab.training.tensorboard_views import tensorboard_callbacks
 from avglab.training.validation import check_stage
 
 log = logging.getLogger(__name__)
@@ -227,6 +229,7 @@ def run(cfg: DictConfig) -> dict:
     init = resolve_init(cfg)
     ckpt = resolve_ckpt(cfg) if cfg.ckpt_path else None
     tokenizer, image_processor, core = build_core(cfg, saved_tokenizer(cfg, init))
+    attach_reduction(core, cfg.get("reduce"))  # reduce=none: None, every path as without it
     check_selector_loaded(cfg, core, init, load_weights(cfg, core, init))
     prints = fingerprint(cfg, init)
     if cfg.stage.name == "bench":  # timing only: no data module, no trainer
@@ -237,7 +240,8 @@ def run(cfg: DictConfig) -> dict:
         cfg, tokenizer, image_processor, cfg.stage.get("eval_batch_size"), cfg.stage.get("batch_size")
     )
     prints["data_digest"] = data_digest(datamodule.urls)  # the shards this run reads, by content
-    trainer = build_trainer(cfg, run_dir, extra_callbacks)
+    views = tensorboard_callbacks(cfg, tokenizer, image_processor, init)  # HParams, Text, figures
+    trainer = build_trainer(cfg, run_dir, extra_callbacks + views)
     if cfg.stage.name == "eval":
         return evaluate(cfg, core, tokenizer, trainer, datamodule, run_dir, prints)
     metrics = fit(cfg, core, trainer, datamodule, init, ckpt)

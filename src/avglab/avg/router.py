@@ -53,6 +53,11 @@ class GranularityRouter(nn.Module):
         ffn_size: feed-forward size of the Transformer layer (None: the hidden size).
         mlp_size: hidden size of the token-to-logits MLP.
         dropout: dropout inside the Transformer layer.
+        input_levels: indices (0 = coarsest) of the levels whose tokens form the sequence (None: all N,
+            the paper). The router still scores all N levels; reading only the coarse ones shortens L
+            from 1148 to e.g. 36+72+144+32 = 284 per tile, and attention is quadratic in L.
+        width: size of the Transformer layer (None: the LLM hidden size C, the paper). Set, a linear map
+            C -> width projects every token first, and the layer, FFN and MLP run at that width.
     """
 
     def __init__(
@@ -64,29 +69,36 @@ class GranularityRouter(nn.Module):
         ffn_size: int | None = None,
         mlp_size: int | None = None,
         dropout: float = 0.0,
+        input_levels: list[int] | None = None,
+        width: int | None = None,
     ):
         super().__init__()
+        self.num_levels = len(tokens_per_tile)
+        self.input_levels = check_input_levels(input_levels, self.num_levels)
+        if width is not None and width < 1:
+            raise ValueError(f"router.width must be >= 1 (null: the LLM hidden size), got {width}")
+        # the narrow router's projection (a variant, not the paper): its layer costs (width / C)^2
+        self.project = nn.Linear(hidden_size, width) if width else None
+        width = width or hidden_size
         if k < 0:
             raise ValueError(f"router.k must be >= 0 (0 = image-only), got {k}")
-        if hidden_size % num_heads:
-            raise ValueError(f"router.num_heads={num_heads} must divide the LLM hidden size {hidden_size}")
+        if width % num_heads:
+            raise ValueError(f"router.num_heads={num_heads} must divide the router's width {width}")
         self.k = k
-        self.num_levels = len(tokens_per_tile)
-        self.seq_len = sum(tokens_per_tile) + k  # L = 36+72+144+288+576+32 = 1148 in the paper
+        # L = 36+72+144+288+576+32 = 1148 in the paper (all levels read)
+        self.seq_len = sum(tokens_per_tile[i] for i in self.input_levels) + k
         self.layer = nn.TransformerEncoderLayer(
-            hidden_size,
+            width,
             num_heads,
             # FFN = hidden size by default: that is what makes the router 1.66% of the 7B model (METHOD 1.2)
-            dim_feedforward=ffn_size or hidden_size,
+            dim_feedforward=ffn_size or width,
             dropout=dropout,
             activation="gelu",
             batch_first=True,  # attend across the L tokens of a tile, not across tiles (pitfall 1)
             norm_first=True,
         )
-        mlp_size = mlp_size or hidden_size
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_size), nn.GELU(), nn.Linear(mlp_size, self.num_levels)
-        )
+        mlp_size = mlp_size or width
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_size), nn.GELU(), nn.Linear(mlp_size, self.num_levels))
         self.voter = nn.Parameter(torch.full((self.seq_len,), 1.0 / self.seq_len))  # W in R^{1 x L}
 
     def forward(self, inputs: RouterInput) -> torch.Tensor:
@@ -100,18 +112,26 @@ class GranularityRouter(nn.Module):
         if not inputs.levels or not len(inputs.tile_owner):
             return self.no_tile_logits(inputs.batch_size)
         tokens = [lvl.flatten(2).transpose(1, 2) for lvl in inputs.levels]  # each (T, n_l, C)
-        visual = torch.cat(tokens, dim=1)  # (T, sum n_l, C)
+        visual = torch.cat([tokens[i] for i in self.input_levels], dim=1)  # (T, sum n_l read, C)
         valid = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
         if self.k:
             owner = inputs.tile_owner
+            # the filter compares with the finest level even where the sequence leaves it out (step 1)
             kept, kept_valid = filter_instruction(
                 inputs.instruction[owner], inputs.instruction_mask[owner], tokens[-1], self.k
             )
-            visual = torch.cat([visual, kept.to(visual.dtype)], dim=1)  # (T, L, C)
-            valid = torch.cat([valid, kept_valid], dim=1)
-        hidden = self.layer(visual, src_key_padding_mask=~valid)
-        token_logits = self.mlp(hidden) * valid[..., None]  # Z_out (T, L, N); padding votes nothing
-        tile_logits = torch.einsum("l,tln->tn", self.voter.to(token_logits.dtype), token_logits)
+            # Slots no tile fills (instructions shorter than k) are masked keys that vote nothing: drop
+            # them (exact; topk puts the valid slots first). With one image per call no mask is left, and
+            # the layer's inference fast path without a padding mask is 2x faster on CPU.
+            used = int(kept_valid.sum(1).max())
+            visual = torch.cat([visual, kept[:, :used].to(visual.dtype)], dim=1)  # (T, L' <= L, C)
+            valid = torch.cat([valid, kept_valid[:, :used]], dim=1)
+        if self.project is not None:
+            visual = self.project(visual)  # (T, L', width)
+        hidden = self.layer(visual, src_key_padding_mask=None if bool(valid.all()) else ~valid)
+        token_logits = self.mlp(hidden) * valid[..., None]  # Z_out (T, L', N); padding votes nothing
+        voter = self.voter[: token_logits.shape[1]]  # W's dropped slots would multiply zeros
+        tile_logits = torch.einsum("l,tln->tn", voter.to(token_logits.dtype), token_logits)
         return average_per_sample(tile_logits, inputs.tile_owner, inputs.batch_size)
 
     def no_tile_logits(self, batch_size: int) -> torch.Tensor:
@@ -124,6 +144,19 @@ class GranularityRouter(nn.Module):
         """
         anchor = sum(p.sum() for p in self.parameters()) * 0.0
         return anchor.new_zeros(batch_size, self.num_levels) + anchor
+
+
+def check_input_levels(input_levels: list[int] | None, num_levels: int) -> list[int]:
+    """``router.input_levels`` as sorted level indices (all N for None); fails naming the key."""
+    if input_levels is None:
+        return list(range(num_levels))
+    levels = sorted({int(i) for i in input_levels})
+    if not levels or levels[0] < 0 or levels[-1] >= num_levels or len(levels) != len(input_levels):
+        raise ValueError(
+            f"router.input_levels={list(input_levels)}: give distinct level indices in [0, {num_levels - 1}] "
+            "(0 = the coarsest), or null for all levels"
+        )
+    return levels
 
 
 def average_per_sample(tile_values: torch.Tensor, owner: torch.Tensor, batch_size: int) -> torch.Tensor:

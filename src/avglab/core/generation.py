@@ -4,7 +4,7 @@ Batches are left-padded (``AvgCore.splice(..., padding_side="left")``): the last
 token in every row and positions are counted over real tokens only, so a padded row decodes as it
 would alone (``tests/model/test_generation_batched.py`` checks it).
 
-Per decode step this does less than Hugging Face's ``generate`` on LLaVA-NeXT (issue 21):
+Per decode step this does less than Hugging Face's ``generate`` on LLaVA-NeXT:
 
 - the KV cache is reserved once for the whole generation (``reserved_cache``): a ``DynamicCache``
   concatenates every layer's keys and values into fresh tensors at every step, a copy of the whole
@@ -189,13 +189,16 @@ def greedy_generate(
     language_model, head, embed = llava.model.language_model, llava.lm_head, llava.get_input_embeddings()
     batch, length = prompt.attention_mask.shape
     cache = reserved_cache(language_model.config, length + max_new_tokens - 1)
+    reduction = getattr(core, "reduction", None)  # in-LLM pruning (avglab.reduce) brings its own steps
+    in_llm = reduction is not None and reduction.in_llm
+    step = reduction.stepper(core, prompt) if in_llm else language_model_step
     full_mask = None  # no padding: no mask at all (SDPA's causal / no-mask kernels)
     if not bool(prompt.attention_mask.all()):
         full_mask = prompt.attention_mask.new_ones(batch, length + max_new_tokens)
         full_mask[:, :length] = prompt.attention_mask
     start = time.perf_counter()
     mask = None if full_mask is None else full_mask[:, :length]
-    hidden = language_model_step(language_model, prompt.embeds, mask, prompt.position_ids, cache)
+    hidden = step(language_model, prompt.embeds, mask, prompt.position_ids, cache)
     token = head(hidden).argmax(-1)
     synchronize(device)
     prefill = time.perf_counter() - start
@@ -206,7 +209,7 @@ def greedy_generate(
     while steps < max_new_tokens - 1 and not bool(done.all()):
         position = position + 1
         mask = None if full_mask is None else full_mask[:, : length + steps + 1]
-        hidden = language_model_step(language_model, embed(token[:, None]), mask, position, cache)
+        hidden = step(language_model, embed(token[:, None]), mask, position, cache)
         token = torch.where(done, torch.full_like(token, eos_token_id), head(hidden).argmax(-1))
         tokens.append(token)
         done = done | (token == eos_token_id)
@@ -218,4 +221,5 @@ def greedy_generate(
             last = now
     synchronize(device)
     decode = (time.perf_counter() - start) * 1e3
-    return Generated(torch.stack(tokens, dim=1), prefill * 1e3, decode, steps)
+    out = Generated(torch.stack(tokens, dim=1), prefill * 1e3, decode, steps)
+    return out if step is language_model_step else step.generated(out)

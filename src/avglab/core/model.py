@@ -104,6 +104,9 @@ class AvgCore(nn.Module):
         self.grid = vision.image_size // vision.patch_size
         self.scaler = GranularityScaler(self.grid, granularities)
         self.selector = selector
+        # a training-free reduction (avglab.reduce, ``reduce=...``) or None; asked by duck typing
+        self.reduction = None
+        self.vision_cues = None  # what the last ``project`` left a reduction before the LLM (PruMerge+)
 
     # ----------------------------------------------------------------- geometry
     @property
@@ -162,6 +165,9 @@ class AvgCore(nn.Module):
             if isinstance(layer, int)
             else torch.cat([out.hidden_states[i] for i in layer], dim=-1)
         )
+        reduction = self.reduction
+        needs_cues = reduction is not None and reduction.needs_vision_cues
+        self.vision_cues = reduction.vision_cues(out.hidden_states, vision, layer) if needs_cues else None
         if self.config.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # drop CLS
         proj = self.llava.model.multi_modal_projector(feats)  # (T, grid*grid, C)
@@ -207,6 +213,14 @@ class AvgCore(nn.Module):
                 continue
             start = starts[b]
             stop = start + owner.count(b)
+            if self.vision_cues is not None:  # a reduction before the LLM packs the kept tokens
+                if len(self.vision_cues[0]) != len(owner):
+                    raise ValueError("the vision cues are of another batch: call project on these samples")
+                cues = tuple(c[start:stop] for c in self.vision_cues)
+                size = image_sizes[b].tolist()
+                tiles = encoded.levels[level][start:stop]
+                out.append(self.reduction.pack_image(self, tiles, cues, size, level))
+                continue
             out.append(
                 pack_image(
                     encoded.levels[level][start:stop],
@@ -262,7 +276,11 @@ class AvgCore(nn.Module):
             padding_side: "right" for training, "left" for batched generation.
         """
         seqs, labs = self.spliced_sequences(input_ids, attention_mask, visual, labels)
-        return pad_spliced(seqs, labs if labels is not None else None, padding_side)
+        spliced = pad_spliced(seqs, labs if labels is not None else None, padding_side)
+        if self.reduction is not None and self.reduction.in_llm:  # it needs to know the visual positions
+            ids = (input_ids, attention_mask, visual, self.image_token_id, padding_side)
+            return self.reduction.mark(spliced, *ids)
+        return spliced
 
     def splice_packed(
         self,
@@ -279,6 +297,8 @@ class AvgCore(nn.Module):
         Returns:
             A ``Spliced`` of R <= E rows with ``segments`` set and ``attention_mask`` all ones.
         """
+        if self.reduction is not None and self.reduction.in_llm:  # it prunes per row: padded rows
+            return self.splice(input_ids, attention_mask, visual, labels)
         return pack_spliced(*self.spliced_sequences(input_ids, attention_mask, visual, labels))
 
     def spliced_sequences(
@@ -294,6 +314,8 @@ class AvgCore(nn.Module):
 
     def hidden_states(self, spliced: Spliced) -> torch.Tensor:
         """(E, S, C) last hidden states of the LLM."""
+        if self.reduction is not None and self.reduction.in_llm:
+            return self.reduction.hidden_states(self, spliced)
         mask, positions = spliced.attention_mask, spliced.position_ids
         if spliced.segments is not None:  # packed: transformers reads the boundaries from position_ids
             mask = None

@@ -189,8 +189,8 @@ class StageModule(L.LightningModule):
             decay = [p for p in params if id(p) not in exempt]
             no_decay = [p for p in params if id(p) in exempt]
             groups += [
-                {"params": decay, "lr": lr, "weight_decay": self.stage.weight_decay},
-                {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+                {"params": decay, "lr": lr, "weight_decay": self.stage.weight_decay, "name": part},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}/no_decay"},
             ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -200,7 +200,8 @@ class StageModule(L.LightningModule):
             num_warmup_steps=int(self.stage.warmup_ratio * total),
             num_training_steps=total,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = {"scheduler": scheduler, "interval": "step", "name": "lr"}  # tags lr/<group name>
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def batch_size(self, batch: dict) -> int:
         """Samples in a batch (for Lightning's logging)."""

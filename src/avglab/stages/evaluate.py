@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +37,14 @@ from avglab.eval.summary import (
     routed_any,
     score_in_percent,
     summarize,
+)
+from avglab.reduce.build import build_reduction
+from avglab.reduce.report import (
+    add_cost_means,
+    cost_fields,
+    format_cost_table,
+    pareto_figure,
+    tokens_per_layer,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +82,8 @@ class EvalStage(L.LightningModule):
         latency_samples: samples per selector timed alone at batch size 1 (0: no latency).
         metric: the benchmark's metric (``avglab.eval.scoring.METRICS``), from ``data.metric``.
         eval_batch_size: batch size of the accuracy pass (recorded with the results).
+        compare_reduce: training-free reductions (``avglab.reduce``: names or settings) also evaluated,
+            each after the selector, on the same samples.
     """
 
     def __init__(
@@ -87,6 +98,7 @@ class EvalStage(L.LightningModule):
         latency_samples: int = 32,
         metric: str = "exact_match",
         eval_batch_size: int = 1,
+        compare_reduce=(),
     ):
         super().__init__()
         if latency_samples < 0:
@@ -102,6 +114,10 @@ class EvalStage(L.LightningModule):
         self.modes: list[tuple[str, int | None]] = [(selector_name, None)] + [
             (f"fixed@{g}", i) for i, g in zip(levels, core.scaler.granularities, strict=False)
         ]
+        depth = core.config.text_config.num_hidden_layers
+        built = [build_reduction(spec, depth) for spec in compare_reduce or ()]
+        self.reductions = {f"{selector_name}+{r.label}": r for r in built if r is not None}
+        self.modes += [(name, None) for name in self.reductions]
         self.max_new_tokens = max_new_tokens
         self.fingerprint = fingerprint or {}
         self.records: dict[str, list[dict]] = {name: [] for name, _ in self.modes}
@@ -127,6 +143,7 @@ class EvalStage(L.LightningModule):
             latency_samples=stage.get("latency_samples", 32),
             metric=cfg.data.get("metric") or "exact_match",
             eval_batch_size=batch_size,
+            compare_reduce=stage.get("compare_reduce") or (),
         )
 
     def timed(self, fn, *args):
@@ -159,6 +176,10 @@ class EvalStage(L.LightningModule):
         generated = self.generate(prompt, batch, level)
         equivalent = self.equivalent_tokens(generated, visual)
         full = core.token_counts(batch["image_sizes"].cpu(), batch["has_image"].cpu())[:, -1]
+        per_layer = tokens_per_layer(generated, visual, core.config.text_config.num_hidden_layers)
+        has_image = batch["has_image"].cpu()
+        prompt_mask = batch["prompt_attention_mask"]
+        costs = cost_fields(core.config.text_config, prompt_mask, has_image, per_layer, full)
         size = len(batch["input_ids"])
         latency = {
             "vision_projector": t_vision / size,
@@ -191,6 +212,7 @@ class EvalStage(L.LightningModule):
                     "visual_tokens_full": int(full[i]),
                     "visual_tokens_equivalent": float(equivalent[i]),
                     "latency_ms": dict(latency) if timed else None,
+                    **costs[i],
                 }
             )
         return records
@@ -257,9 +279,20 @@ class EvalStage(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         for name, level in self.modes:
-            records = self.answer(batch, level)
-            self.time_at_batch_size_one(name, level, batch, records)
+            with self.reduction_of(name):
+                records = self.answer(batch, level)
+                self.time_at_batch_size_one(name, level, batch, records)
             self.records[name] += records
+
+    @contextmanager
+    def reduction_of(self, name: str):
+        """The core runs mode ``name``'s reduction (a ``compare_reduce`` row), else the configured one."""
+        configured = self.core.reduction
+        self.core.reduction = self.reductions.get(name, configured)
+        try:
+            yield
+        finally:
+            self.core.reduction = configured
 
     def time_at_batch_size_one(self, name: str, level: int | None, batch: dict, records: list[dict]) -> None:
         """Re-generates the batch's first untimed samples alone, timed, until ``latency_samples`` are done.
@@ -314,6 +347,7 @@ class EvalStage(L.LightningModule):
         self.results = {name: summarize(recs, granularities) for name, recs in records.items()}
         self.add_equivalent_means(self.results, records)
         self.add_text_only_counts(self.results, records)
+        add_cost_means(self.results, records)
         for name, recs in records.items():
             self.results[name]["benchmark"] = benchmark_score(self.metric, recs)
         main = dict(self.results[self.selector_name])
@@ -332,7 +366,11 @@ class EvalStage(L.LightningModule):
                 "max_new_tokens": self.max_new_tokens,
             },
             granularities=granularities,
-            fixed_levels={k: v for k, v in self.results.items() if k != self.selector_name},
+            fixed_levels={
+                k: v for k, v in self.results.items() if k != self.selector_name and k not in self.reductions
+            },
+            reductions={n: {**self.results[n], "settings": r.settings()} for n, r in self.reductions.items()},
+            reduction=self.core.reduction.settings() if self.core.reduction is not None else {"name": "none"},
             fingerprint=self.fingerprint,
             ranks=self._trainer.world_size if self._trainer is not None else 1,
             **counts,
@@ -354,13 +392,24 @@ class EvalStage(L.LightningModule):
                 main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}"
             )
             fig.savefig(self.out_dir / "granularity_histogram.png", dpi=100)
+        pareto = None
+        if self.reductions or self.core.reduction is not None:  # reduce=none alone: outputs as before
+            pareto = pareto_figure(self.results, "accuracy vs prefill FLOPs")
+            pareto.savefig(self.out_dir / "pareto.png", dpi=100)
         if self.logger is not None:
             for name, m in self.results.items():
                 self.logger.log_metrics(self.scalars(name, m), step=0)
             if fig is not None:
                 self.logger.experiment.add_figure("eval/granularity_histogram", fig, global_step=0)
+            if pareto is not None:
+                self.logger.experiment.add_figure("eval/pareto", pareto, global_step=0)
+                key = "prefill_flops_relative"
+                self.logger.log_metrics({f"eval/{n}/{key}": r[key] for n, r in self.results.items()}, step=0)
             self.logger.experiment.flush()
         print(format_table(self.results))
+        if pareto is not None:
+            print("cost per mode (visual tokens per LLM layer; the LLM's prefill FLOPs vs the finest level):")
+            print(format_cost_table(self.results))
         routing = main["granularity_histogram_by_type"]
         print(
             f"granularity histogram ({self.selector_name}, by question type): "

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from avglab.avg.losses import TOKEN_COST_SCALES
-from avglab.avg.router import GranularityRouter
+from avglab.avg.router import GranularityRouter, check_input_levels
 from avglab.core.builders import TINY_MAX_POSITIONS, pretrained_llava, tiny_llava
 from avglab.core.hub import check_geometry, load_image_processor, load_llava_config, load_tokenizer
 from avglab.core.model import AvgCore
@@ -64,6 +64,8 @@ def check_router(cfg: DictConfig, grid: int) -> None:
         raise ValueError(
             f"router.token_cost_scale={router.token_cost_scale!r}: choose one of {TOKEN_COST_SCALES}"
         )
+    if router.kind in ("avg", "image_only"):
+        check_input_levels(router.get("input_levels"), len(router.granularities))
     if router.kind == "avg" and router.k < 1:
         raise ValueError(
             f"router.k={router.k}: must be >= 1 (router=image_only routes without instruction tokens)"
@@ -176,6 +178,8 @@ def build_selector(router: DictConfig, hidden_size: int) -> nn.Module | None:
             ffn_size=router.ffn_size,
             mlp_size=router.mlp_size,
             dropout=router.dropout,
+            input_levels=router.get("input_levels"),  # cheaper variants; null = the paper
+            width=router.get("width"),
         )
     if router.kind == "fixed":
         granularity = router.granularity if router.granularity is not None else levels[-1]

@@ -18,7 +18,7 @@ def largest_pinpoint(pinpoints: list[list[int]]) -> tuple[int, int]:
 
 
 def bench_inputs(
-    cfg, tokenizer, image_processor, pinpoints: list[list[int]], batch_size: int = 1
+    cfg, tokenizer, image_processor, pinpoints: list[list[int]], batch_size: int = 1, mixed: bool = False
 ) -> list[dict]:
     """``stage.inputs`` collate batches of ``batch_size`` samples (synth test questions, image resized).
 
@@ -31,6 +31,8 @@ def bench_inputs(
         image_processor: the run's AnyRes image processor.
         pinpoints: the model's AnyRes resolutions, for the default image size.
         batch_size: samples per batch.
+        mixed: the images of a batch take the AnyRes resolutions in turn (different sizes and tile
+            counts in one batch, ``stage.batch_mixed``) instead of ``stage.image_size``.
 
     Returns:
         Batches in the collate contract.
@@ -48,6 +50,8 @@ def bench_inputs(
         samples = []
         for index in range(first, first + batch_size):
             sample = make_sample(synth, "test", index)
+            if mixed:  # sample i of the set: resolution i of the model's list (mixed sizes)
+                height, width = pinpoints[index % len(pinpoints)]
             image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((width, height))
             samples.append(processor(sample["json"], image))
         batches.append(collate(samples, tokenizer.pad_token_id))

@@ -27,8 +27,11 @@ from omegaconf import ListConfig
 
 from avglab.data.anyres import num_tiles
 from avglab.data.rates import RateMeter
+from avglab.tools.bench.batched import add_throughput, format_throughput, routed_grouped_run
 from avglab.tools.bench.flops import prefill_flops, router_flops
 from avglab.tools.bench.inputs import bench_inputs
+from avglab.tools.bench.reductions import format_reductions, time_reductions
+from avglab.tools.bench.routers import format_routers, time_routers
 from avglab.tools.bench.table import TARGETS, format_bench, targets
 from avglab.tools.bench.timing import avglab_run, hf_embeds, hf_inputs, hf_run, hf_vision_run, llm_run
 
@@ -72,12 +75,15 @@ def table_counts(stage) -> list[int]:
     return sorted(set(as_list(stage.max_new_tokens) + as_list(stage.get("tables_at", []))))
 
 
-def bench_modes(core, batch_size: int) -> list[str]:
-    """Modes in their interleaving order: every mode at batch size 1, HF vs avglab full when batched."""
+def bench_modes(core, batch_size: int, mixed: bool = False) -> list[str]:
+    """Modes in their interleaving order: every mode at batch size 1, HF vs avglab full when batched.
+
+    With ``mixed`` (``stage.batch_mixed``) a batch also runs routed: one padded batch and by level.
+    """
     finest = core.scaler.num_levels - 1
     modes = ["hf_generate", "hf_vision"]
     if batch_size > 1:
-        return modes + [f"level{finest}"]
+        return modes + [f"level{finest}"] + (["routed", "routed_grouped"] if mixed else [])
     for level in range(finest + 1):  # HF's loop on a level's prompt right after avglab's run of it
         modes += [f"level{level}"] + ([f"hf_level{level}"] if level < finest else [])
     return modes + ["routed", "routed_full"] + [f"llm{i}" for i in range(finest + 1)]
@@ -94,13 +100,19 @@ def run_bench(cfg, core, tokenizer, image_processor, run_dir: Path, fingerprint:
     pad = tokenizer.pad_token_id
     tables, image_size = [], None
     for size in as_list(stage.get("batch_sizes", [1])):
-        batches = bench_inputs(cfg, tokenizer, image_processor, core.config.image_grid_pinpoints, size)
+        mixed = size > 1 and bool(stage.get("batch_mixed"))  # mixed sizes, routed batches
+        pinpoints = core.config.image_grid_pinpoints
+        batches = bench_inputs(cfg, tokenizer, image_processor, pinpoints, size, mixed)
         image_size = batches[0]["image_sizes"][0].tolist()
-        samples, same = time_modes(core, batches, bench_modes(core, size), max(counts), pad, stage)
+        samples, same = time_modes(core, batches, bench_modes(core, size, mixed), max(counts), pad, stage)
         for n in counts:
             table = summarize_bench(core, samples, n)
             table.update(batch_size=size, max_new_tokens=n, hf_same_tokens=same)
             table["targets"] = targets(table)
+            if mixed:  # samples/s, visual tokens/s and the routed modes' FLOP-ratio bound
+                rows = [m for m in samples if m != "hf_vision"]
+                labels = {m: m if m.startswith("hf") else mode_label(core, m) for m in rows}
+                add_throughput(core, table, samples, labels)
             tables.append(table)
     tiles = num_tiles(image_size, core.config.image_grid_pinpoints, core.tile_size)
     routing = router_flops(core.selector, tiles)
@@ -124,9 +136,20 @@ def run_bench(cfg, core, tokenizer, image_processor, run_dir: Path, fingerprint:
         "fingerprint": fingerprint,
         "target_thresholds": TARGETS,
     }
+    if stage.get("compare_reduce"):  # training-free reductions (avglab.reduce) beside their FLOP bounds
+        result["reductions"] = time_reductions(cfg, core, tokenizer, image_processor)
+    if stage.get("compare_routers"):  # cheaper router variants, finest level fed, side by side
+        result["routers"] = time_routers(cfg, core, tokenizer, image_processor, counts)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2))
     print(format_bench(result))
+    for table in tables:  # stage.batch_mixed: throughput and the routed batches' bound
+        if any("samples_per_s" in m for m in table["modes"].values()):
+            print(format_throughput(table))
+    if "reductions" in result:
+        print(format_reductions(result["reductions"]))
+    if "routers" in result:
+        print(format_routers(result["routers"]))
     return result
 
 
@@ -176,7 +199,9 @@ def measure(core, mode: str, batch: dict, hf: dict, n_new: int, pad: int, prompt
         return hf_run(core, hf_embeds(prompts[int(mode[8:])]), n_new, pad)
     if mode.startswith("llm"):
         return {"llm": llm_run(core, prompts[int(mode[3:])])}
-    if mode == "routed":
+    if mode == "routed_grouped":
+        out = routed_grouped_run(core, batch, n_new)
+    elif mode == "routed":
         out = avglab_run(core, batch, None, n_new, route=True)
     elif mode == "routed_full":
         out = avglab_run(core, batch, finest, n_new, route=True)
@@ -194,7 +219,7 @@ def mode_label(core, mode: str) -> str:
         return "avglab_full"
     if mode.startswith("level"):
         return f"avglab_fixed@{core.scaler.granularities[int(mode[5:])]}"
-    return {"routed": "avglab_routed", "routed_full": "avglab_routed_full"}[mode]
+    return f"avglab_{mode}"  # avglab_routed, avglab_routed_full, avglab_routed_grouped
 
 
 def decode_per_token(sample: dict, n: int) -> float:
@@ -239,18 +264,23 @@ def summarize_bench(core, samples: dict[str, list[dict]], n: int) -> dict:
         full_flops = prefill_flops(text, samples[f"level{finest}"][0]["llm_tokens"])
     phases = ("vision_projector", "scaler_router", "pack_splice", "prefill", "ttft")
     avglab_modes = [
-        m for m in ([f"level{i}" for i in range(finest + 1)] + ["routed", "routed_full"]) if m in samples
+        m
+        for m in ([f"level{i}" for i in range(finest + 1)] + ["routed", "routed_full", "routed_grouped"])
+        if m in samples
     ]
     for mode in avglab_modes:
         runs = samples[mode]
         row = {p: med(mode, p) for p in phases}
         row["decode_per_token"] = median(decode_per_token(s, n) for s in runs)
         row["end_to_end"] = median(end_to_end(s, n) for s in runs)
-        # the same (repeat, input) run of HF's loop at the level this run fed the LLM
-        row["hf_decode_per_token"] = median(
-            decode_per_token(samples[hf_reference(s["level"])][j], n) for j, s in enumerate(runs)
-        )
-        row["decode_vs_hf"] = row["hf_decode_per_token"] / row["decode_per_token"]
+        # the same (repeat, input) run of HF's loop at the level this run fed the LLM (where it was run:
+        # batched routed modes have no HF loop at their mixed levels)
+        mixed_levels = len(set(runs[0].get("batch_levels", [0]))) > 1
+        if all(hf_reference(s["level"]) in samples for s in runs) and not mixed_levels:
+            row["hf_decode_per_token"] = median(
+                decode_per_token(samples[hf_reference(s["level"])][j], n) for j, s in enumerate(runs)
+            )
+            row["decode_vs_hf"] = row["hf_decode_per_token"] / row["decode_per_token"]
         row["visual_tokens"] = median(s["visual_tokens"] for s in runs)
         row["llm_tokens"] = median(s["llm_tokens"] for s in runs)
         row["levels_chosen"] = sorted({s["level"] for s in runs})

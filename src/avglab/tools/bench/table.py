@@ -1,4 +1,4 @@
-"""The benchmark's Markdown tables and their pass/fail targets (issues 5 and 21)."""
+"""The benchmark's Markdown tables and their pass/fail targets."""
 
 from __future__ import annotations
 

@@ -63,6 +63,9 @@ def avglab_run(core: AvgCore, batch: dict, level: int | None, max_new_tokens: in
         "level": int(levels[0]),
         "visual_tokens": len(visual[0]),
         "llm_tokens": int(prompt.attention_mask[0].sum()),
+        "batch_visual_tokens": sum(len(v) for v in visual if v is not None),  # throughput
+        "sample_llm_tokens": prompt.attention_mask.sum(1).tolist(),
+        "batch_levels": levels.tolist(),
         "tokens": generated.tokens.tolist(),
         "prompt": prompt,
     }

@@ -1,0 +1,57 @@
+"""``python -m avglab`` with an initialisation the configs cannot express, for the study's probe runs only.
+
+``AVGLAB_PROBE_POS=sincos:<amplitude>`` replaces the random vision position embeddings of a freshly built
+tiny model by fixed-formula 2D sine-cosine ones (MAE's, times the amplitude; CLS gets zeros);
+``AVGLAB_PROBE_POS=normal:<std>`` draws them with that standard deviation instead of CLIP's 0.02.
+Stage outputs load over it, so only a stage that starts from random weights (stage 1) is changed.
+
+    AVGLAB_PROBE_POS=sincos:0.5 python experiments/spatial/probe_run.py stage=pretrain ...
+"""
+
+import math
+import os
+
+import torch
+
+import avglab.training.build as build
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) 2D sine-cosine position codes: half the channels for the row, half for the column."""
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def code(pos):
+        angles = pos.flatten().float()[:, None] * freq[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1)
+
+
+def patched(*args, **kwargs):
+    """The tiny builder, then the probe's position embeddings."""
+    model = original(*args, **kwargs)
+    kind, value = os.environ["AVGLAB_PROBE_POS"].split(":")
+    tower = model.model.vision_tower
+    emb = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+    with torch.no_grad():
+        if kind == "sincos":
+            grid = int(math.isqrt(emb.shape[0] - 1))
+            emb[0].zero_()
+            emb[1:] = float(value) * sincos_2d(grid, emb.shape[1])
+        elif kind == "normal":
+            emb.normal_(0.0, float(value))
+        else:
+            raise ValueError(f"AVGLAB_PROBE_POS={kind}:{value}: sincos:<amplitude> or normal:<std>")
+    return model
+
+
+original = build.tiny_llava
+if os.environ.get("AVGLAB_PROBE_POS"):
+    build.tiny_llava = patched
+
+if __name__ == "__main__":
+    from avglab.cli import main
+
+    main()

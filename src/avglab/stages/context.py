@@ -1,0 +1,131 @@
+"""Stage 1 with a vision-side objective: every patch token also paints its neighbourhood.
+
+A random vision tower trained by the answer loss alone gets a few scalar targets per image (one per
+answer token), and on a tiny model they barely reach it: the LLM settles on the answer prior first and the
+tower keeps what one patch shows (experiments/spatial/README.md measures it). This stage adds a dense,
+label-free target that every image carries: from the token of patch (r, c) (the hidden state LLaVA-NeXT
+feeds the projector, ``vision_feature_layer``), a linear head predicts the tile's pixels in the
+(2R+1) x (2R+1) patches around it, average-pooled to cells of ``context_cell`` pixels (R =
+``context_radius``; cells outside the tile are left out of the loss). A token can only do that by knowing
+what its neighbours show and where they are, which is what shape, count and relative position need.
+
+The head is the stage's own (it is not part of the core, so the stage output and every later stage are
+plain LLaVA-NeXT weights); it trains at ``stage.lr``, and the objective adds ``context_weight`` times the
+mean squared error (normalised pixels) to the answer loss. ``context_weight: 0`` is stage 1 as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from transformers import get_scheduler
+
+from avglab.core.model import AvgCore
+from avglab.stages.pretrain import PretrainStage
+
+
+def context_targets(
+    pixels: torch.Tensor, patch: int, radius: int, cell: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's pooled neighbourhood: (T, grid*grid, 3*w*w) targets and a (1, grid*grid, w*w) mask.
+
+    Args:
+        pixels: (T, 3, S, S) normalised tiles, as the vision tower reads them.
+        patch: patch side P in pixels.
+        radius: neighbourhood radius R in patches (window (2R+1) P pixels wide).
+        cell: pooled cell side in pixels (divides P).
+
+    The mask is 1 for the cells inside the tile (windows of border patches reach outside it).
+    """
+    tiles, channels, side, _ = pixels.shape
+    margin = radius * patch
+    pooled = F.avg_pool2d(F.pad(pixels, (margin,) * 4), cell)  # (T, 3, (S+2m)/cell, ...)
+    inside = F.avg_pool2d(F.pad(pixels.new_ones(1, 1, side, side), (margin,) * 4), cell)
+    width, stride = (2 * radius + 1) * patch // cell, patch // cell
+    windows = F.unfold(pooled, width, stride=stride)  # (T, 3*w*w, grid*grid)
+    mask = F.unfold(inside, width, stride=stride)  # (1, w*w, grid*grid)
+    return windows.transpose(1, 2), (mask.transpose(1, 2) > 0.5).float()
+
+
+class ContextPretrainStage(PretrainStage):
+    """Stage 1 (Eq. 1) plus ``context_weight`` x the neighbourhood-painting loss on the vision tokens.
+
+    Stage keys: ``context_weight`` (0 turns it off), ``context_radius`` (R, patches), ``context_cell``
+    (pixels per pooled cell; divides the patch side).
+    """
+
+    def __init__(self, core: AvgCore, stage: DictConfig):
+        super().__init__(core, stage)
+        vision = core.config.vision_config
+        self.patch = vision.patch_size
+        self.radius = int(stage.get("context_radius", 2))
+        self.cell = int(stage.get("context_cell", 4))
+        self.weight = float(stage.get("context_weight", 1.0))
+        if self.patch % self.cell or self.radius < 0 or self.weight < 0:
+            raise ValueError(
+                f"stage.context_cell={self.cell} must divide the patch side {self.patch}; "
+                f"stage.context_radius={self.radius} and stage.context_weight={self.weight} must be >= 0"
+            )
+        width = (2 * self.radius + 1) * self.patch // self.cell
+        self.context_head = nn.Linear(vision.hidden_size, vision.num_channels * width * width)
+        self._seen: dict[str, torch.Tensor] = {}
+        tower = core.llava.model.vision_tower
+        tower.register_forward_hook(self._keep_tokens, with_kwargs=True)
+
+    def _keep_tokens(self, module, args, kwargs, output) -> None:
+        """Keeps the tower's input tiles and the feature layer's patch tokens of the current forward."""
+        if self.weight == 0:
+            return
+        pixels = args[0] if args else kwargs["pixel_values"]
+        layer = self.core.config.vision_feature_layer
+        layer = layer if isinstance(layer, int) else layer[-1]
+        self._seen = {"pixels": pixels, "tokens": output.hidden_states[layer][:, 1:]}
+
+    def context_loss(self) -> torch.Tensor | None:
+        """Masked MSE of the head's neighbourhood prediction on the last forward's tiles (None: no image)."""
+        seen, self._seen = self._seen, {}
+        if not seen:
+            return None
+        targets, mask = context_targets(seen["pixels"].detach(), self.patch, self.radius, self.cell)
+        predicted = self.context_head(seen["tokens"])  # (T, grid*grid, 3*w*w)
+        channels = seen["pixels"].shape[1]
+        error = (predicted - targets).pow(2).unflatten(-1, (channels, -1)) * mask.unsqueeze(2)
+        return error.sum() / (mask.sum() * channels * len(targets))
+
+    def step_loss(self, batch: dict, split: str) -> torch.Tensor:
+        """Answer CE at the finest level plus the weighted context loss, both logged."""
+        loss = self.finest_loss(batch, split)
+        context = self.context_loss()
+        if context is not None:
+            self.log(f"{split}/context_loss", context, batch_size=self.batch_size(batch))
+            loss = loss + self.weight * context
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.step_loss(batch, "train")
+        if self.weight and not bool(batch["has_image"].any()):  # the head gets an exact zero (DDP)
+            loss = loss + sum(p.sum() for p in self.context_head.parameters()) * 0.0
+        return self.keep_in_graph(loss, batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.step_loss(batch, "val")
+
+    def configure_optimizers(self):
+        """The base optimizer with the context head as one more group at ``stage.lr``, then the schedule."""
+        config = super().configure_optimizers()
+        if not self.weight:
+            return config
+        optimizer = config["optimizer"]
+        optimizer.add_param_group(
+            {"params": list(self.context_head.parameters()), "lr": self.stage.lr, "weight_decay": 0.0}
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        config["lr_scheduler"]["scheduler"] = get_scheduler(  # every group on the stage's schedule
+            self.stage.get("schedule", "cosine"),
+            optimizer,
+            num_warmup_steps=int(self.stage.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        return config

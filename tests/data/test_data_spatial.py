@@ -1,0 +1,100 @@
+"""The generated spatial set (``python -m avglab.data.spatial``): scenes, answers, LLaVA files, conversion."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from avglab.data import spatial
+from avglab.data.spatial import COUNT_WORDS, SHAPES, SpatialConfig, draw_scene, sample_scene
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spatial")
+    spatial.main(
+        [str(out), "--train", "12", "--val", "3", "--test", "9", "--convert", "--shard-samples", "5"]
+    )
+    return out
+
+
+def scenes(n: int, cfg: SpatialConfig | None = None):
+    cfg = cfg or SpatialConfig()
+    return [sample_scene(random.Random(i), cfg) for i in range(n)]
+
+
+def test_answers_are_balanced_and_true_to_the_scene():
+    drawn = scenes(600)
+    by_kind = {kind: Counter(s.questions[kind][1] for s in drawn) for kind in spatial.KINDS}
+    assert set(by_kind["shape"]) == set(SHAPES) and min(by_kind["shape"].values()) > 600 / 4 * 0.7
+    assert set(by_kind["count"]) == set(COUNT_WORDS) and min(by_kind["count"].values()) > 600 / 3 * 0.7
+    assert set(by_kind["position"]) == {"left", "right", "above", "below"}
+    assert by_kind["position"]["left"] + by_kind["position"]["right"] > 600 * 0.3
+    assert by_kind["position"]["above"] + by_kind["position"]["below"] > 600 * 0.3
+    for scene in drawn:
+        things = {t.color: t for t in scene.things}
+        assert len(things) == len(scene.things)  # one colour per object: a colour names one object
+        question, answer = scene.questions["shape"]
+        assert things[question.split()[4]].shape == answer
+        question, answer = scene.questions["count"]
+        counted = next(s for s in SHAPES if spatial.PLURALS[s] == question.split()[2])
+        assert COUNT_WORDS[sum(t.shape == counted for t in scene.things) - 1] == answer
+        words = scene.questions["position"][0].split()
+        a, b = things[words[2]].center, things[words[-2]].center
+        axis = 0 if "left" in words else 1
+        expected = ("left", "right") if axis == 0 else ("above", "below")
+        assert abs(a[axis] - b[axis]) >= SpatialConfig().min_separation * min(scene.height, scene.width) / 128
+        assert scene.questions["position"][1] == expected[0 if a[axis] < b[axis] else 1]
+
+
+def test_objects_span_several_patches_apart_and_are_drawn():
+    for scene in scenes(50):
+        image = np.asarray(draw_scene(scene))
+        assert image.shape[:2] == (scene.height, scene.width)
+        boxes = [t.box for t in scene.things]
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            assert x1 - x0 >= 2 * 8 and 0 <= x0 and x1 <= scene.width and 0 <= y0 and y1 <= scene.height
+            for u0, v0, u1, v1 in boxes[i + 1 :]:
+                assert x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0  # no overlap
+        for thing in scene.things:
+            x, y = (int(v) for v in thing.center)
+            assert tuple(image[y, x]) == spatial.COLORS[thing.color]
+
+
+def test_written_files_are_llava_records_and_convert(written):
+    train = json.loads((written / "train.json").read_text())
+    test = json.loads((written / "test.json").read_text())
+    assert len(train) == 12 and len(test) == 9
+    for record in train:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 3
+        assert turns[0]["value"].startswith("<image>\n") and "<image>" not in "".join(
+            t["value"] for t in turns[1:]
+        )
+        assert Image.open(written / "images" / record["image"]).size in {
+            (w, h) for h, w in spatial.IMAGE_SIZES
+        }
+    assert Counter(r["question_type"] for r in test) == {"shape": 3, "count": 3, "position": 3}
+    for split, n in {"train": 12, "val": 3, "test": 9}.items():
+        manifest = json.loads((written / "shards" / f"{split}.manifest.json").read_text())
+        assert manifest["samples"] == n and manifest["skipped_total"] == 0
+    assert len(list((written / "shards").glob("train-*.tar"))) == 3
+
+
+def test_same_seed_same_set(written, tmp_path):
+    spatial.main([str(tmp_path), "--train", "12", "--val", "3", "--test", "9"])
+    for split in ("train", "val", "test"):
+        assert (tmp_path / f"{split}.json").read_bytes() == (written / f"{split}.json").read_bytes()
+    assert (tmp_path / "images/test/000004.png").read_bytes() == (
+        written / "images/test/000004.png"
+    ).read_bytes()
+
+
+def test_bad_settings_fail_early():
+    with pytest.raises(ValueError, match="kinds"):
+        SpatialConfig(kinds=["colour"])
+    with pytest.raises(ValueError, match="max_objects"):
+        SpatialConfig(max_objects=9)

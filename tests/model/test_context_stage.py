@@ -1,0 +1,62 @@
+"""Stage 1's vision-side context objective (``avglab.stages.context``): targets, mask, gradient path."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from stage_config import compose_config
+from tiny_batches import IMAGE_ID, LEVELS, PAD_ID, VOCAB
+
+from avglab.core.builders import tiny_llava
+from avglab.core.model import AvgCore
+from avglab.stages.context import ContextPretrainStage, context_targets
+
+
+@pytest.fixture
+def fresh():
+    """A model of its own: the stage hooks its vision tower, the session ``llava`` stays untouched."""
+    return tiny_llava(vocab_size=VOCAB, image_token_id=IMAGE_ID, pad_token_id=PAD_ID, seed=0)
+
+
+def test_targets_hold_each_patch_neighbourhood_and_mask_the_outside():
+    pixels = torch.zeros(1, 3, 16, 16)  # a 4x4 grid of 4-px patches
+    pixels[0, 0, 4:8, 8:12] = 1.0  # patch (1, 2), channel 0
+    targets, mask = context_targets(pixels, patch=4, radius=1, cell=2)
+    assert targets.shape == (1, 16, 3 * 6 * 6) and mask.shape == (1, 16, 6 * 6)
+    window = targets.unflatten(-1, (3, 6, 6))
+    centre = window[0, 1 * 4 + 1]  # patch (1, 1): its right neighbour is lit
+    expected = torch.zeros(3, 6, 6)
+    expected[0, 2:4, 4:6] = 1.0
+    assert torch.equal(centre, expected)
+    assert torch.equal(window[0, 1 * 4 + 3][0, 2:4, 0:2], torch.ones(2, 2))  # patch (1, 3): its left one
+    assert window[0, 3 * 4 + 0].abs().sum() == 0  # patch (3, 0) is two patches away from it
+    corner = mask[0, 0].view(6, 6)  # patch (0, 0): the row above and the column left lie outside
+    assert corner[:2].sum() == 0 and corner[:, :2].sum() == 0 and corner[2:, 2:].sum() == 16
+    assert mask[0, 5].sum() == 36  # an inner patch sees its whole window
+
+
+def stage_for(llava, weight: float, cell: int = 4) -> ContextPretrainStage:
+    stage = compose_config("stage=pretrain").stage
+    OmegaConf.set_struct(stage, False)
+    stage.train = ["vision", "projector", "newline", "llm"]
+    stage.context_weight, stage.context_radius, stage.context_cell = weight, 1, cell
+    return ContextPretrainStage(AvgCore(llava, LEVELS), stage)
+
+
+def test_context_loss_trains_the_tower_and_weight_zero_is_stage_one(fresh, batch):
+    stage = stage_for(fresh, 1.0)
+    stage.core(batch, level=-1)
+    loss = stage.context_loss()
+    assert loss is not None and loss.item() > 0
+    loss.backward()
+    tower = stage.core.llava.model.vision_tower
+    position = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+    assert position.grad is not None and position.grad.abs().sum() > 0  # the tokens' places are trained too
+    assert stage.context_loss() is None  # one forward, one loss
+    off = stage_for(tiny_llava(vocab_size=VOCAB, image_token_id=IMAGE_ID, pad_token_id=PAD_ID, seed=0), 0.0)
+    off.core(batch, level=-1)
+    assert off.context_loss() is None
+
+
+def test_a_cell_that_does_not_divide_the_patch_is_refused(fresh):
+    with pytest.raises(ValueError, match="context_cell=3"):
+        stage_for(fresh, 1.0, cell=3)
