@@ -9,7 +9,10 @@ from transformers import LlamaConfig
 
 from avglab.run import run
 from avglab.tools.bench.flops import prefill_flops
+from avglab.tools.bench.inputs import bench_inputs
 from avglab.tools.bench.runner import check_bench, decode_per_token, end_to_end
+from avglab.tools.bench.timing import avglab_run, hf_inputs, hf_run
+from avglab.training.build import build_core, saved_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,19 @@ def test_bench_times_every_mode_on_the_same_weights(bench):
     assert set(tables[1, 4]["targets"]) == targets
     assert set(tables[3, 4]["targets"]) == {"full_vs_hf", "decode_vs_hf"}
     assert 0 < result["router_flop_share"] < 1
+
+
+def test_hf_generate_decodes_past_the_models_eos_as_avglab_does(tmp_path):
+    cfg = compose_run(tmp_path, f"{tmp_path}/run", "stage=bench")
+    tokenizer, image_processor, core = build_core(cfg, saved_tokenizer(cfg, None))
+    core.eval()
+    batch = bench_inputs(cfg, tokenizer, image_processor, core.config.image_grid_pinpoints)[0]
+    finest, pad = core.scaler.num_levels - 1, tokenizer.pad_token_id
+    ours = avglab_run(core, batch, finest, 4, route=False)["tokens"]
+    # the model's eos = the first token it answers: generate would stop there (its config fills eos in)
+    core.llava.generation_config.eos_token_id = eos = ours[0][0]
+    assert hf_run(core, hf_inputs(core, batch, pad), 4, pad)["tokens"] == ours
+    assert core.llava.generation_config.eos_token_id == eos  # the model's config is left as it was
 
 
 def test_tables_read_the_first_n_tokens_of_one_run():

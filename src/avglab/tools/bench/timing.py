@@ -8,6 +8,8 @@ of new tokens up to the one decoded (``greedy_generate`` and HF's loop both repo
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -126,12 +128,28 @@ def hf_run(core: AvgCore, inputs: dict, max_new_tokens: int, pad_token_id: int) 
     )
     clock = TokenClock(device)
     start = now(device)
-    out = core.llava.generate(
-        **inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([clock])
-    )
+    with without_eos(core.llava):
+        out = core.llava.generate(
+            **inputs, generation_config=config, stopping_criteria=StoppingCriteriaList([clock])
+        )
     times = [start] + clock.times
     steps = [(b - a) * 1e3 for a, b in zip(times[1:-1], times[2:], strict=True)]
     return {"ttft": (times[1] - start) * 1e3, "step_ms": steps, "tokens": out[:, -max_new_tokens:].tolist()}
+
+
+@contextmanager
+def without_eos(model) -> Iterator[None]:
+    """The model's own generation config without an eos id for the duration.
+
+    ``generate`` fills every unset (None) field of the config it is given from the model's config, so
+    ``eos_token_id=None`` alone still stops a row at the model's eos, after which its tokens are padding.
+    """
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
 
 
 def hf_embeds(prompt) -> dict:
