@@ -81,11 +81,12 @@ def test_a_run_without_validation_split_warns_nothing_of_its_own(tmp_path, user_
         "stage.max_steps=2",
         "stage.val_every=1",
         "stage.train=[projector]",  # the LLM frozen upstream of a trained part: the checkpointing check
+        "model.gradient_checkpointing=true",  # turned on by transformers' current name
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run(cfg)
-    library_noise = ("across ranks is zero", "LeafSpec", "past_key_values", "is_gradient_checkpointing")
+    library_noise = ("across ranks is zero", "LeafSpec", "past_key_values", "gradient_checkpointing")
     assert not [str(w.message) for w in caught if any(n in str(w.message) for n in library_noise)]
 
 
@@ -102,8 +103,9 @@ def test_evaluation_logs_progress_every_n_batches(tmp_path, caplog):
         "progress=log",
         "progress_every=1",
     )
-    with caplog.at_level(logging.INFO, logger="avglab"):
+    with caplog.at_level(logging.INFO, logger="avglab"), caplog.at_level(logging.INFO, logger="lightning"):
         run(cfg)
+    assert not progress_lines(caplog, "`Trainer(val_check_interval")  # an evaluation validates nothing
     lines = progress_lines(caplog, "eval batch ")
     expected = ["eval batch 1 (4/8 samples, 50%)", "eval batch 2 (8/8 samples, 100%)"]
     assert [line.split(" samples/s")[0] for line in lines] == expected
