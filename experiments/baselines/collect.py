@@ -1,7 +1,7 @@
 """The comparison table and Pareto figure of experiments/baselines/ from the evaluations' metrics.json.
 
 python experiments/baselines/collect.py --out experiments/baselines \
-    stage2=<eval dir> stage3=<eval dir> router=<eval dir> [router_seed1=<dir> ...] [focus_text=<dir> ...]
+    stage2=<eval dir> stage3=<eval dir> random=<eval dir> focus=<eval dir> router_seed0=<dir> ...
 
 Each ``tag=dir`` contributes every row of that evaluation (selector, fixed levels, reductions), named
 ``tag: row``; the router seeds are summarised as mean and range.
@@ -15,9 +15,11 @@ from avglab.reduce.report import format_cost_table, pareto_figure
 
 
 def rows_of(tag: str, folder: Path) -> dict[str, dict]:
-    """Every row of one evaluation's ``metrics.json`` (selector, fixed levels, reductions) as ``tag: row``."""
+    """One evaluation's rows (selector, fixed levels, reductions) as ``tag: row``; a seed's selector only."""
     m = json.loads((folder / "metrics.json").read_text())
     rows = {f"{tag}: {m['selector']}": m}
+    if tag.startswith("router_seed"):
+        return rows
     rows.update({f"{tag}: {k}": v for k, v in m.get("fixed_levels", {}).items()})
     rows.update({f"{tag}: {k}": v for k, v in m.get("reductions", {}).items()})
     return rows
@@ -33,7 +35,7 @@ def main() -> None:
     for item in args.runs:
         tag, folder = item.split("=", 1)
         rows.update(rows_of(tag, Path(folder)))
-    seeds = {k: v for k, v in rows.items() if k.startswith("router_seed") or k == "router: avg"}
+    seeds = {k: v for k, v in rows.items() if k.startswith("router_seed")}
     table = format_cost_table(rows)
     if len(seeds) > 1:
         acc = [100 * v["accuracy"] for v in seeds.values()]
