@@ -105,9 +105,13 @@ def test_the_one_layer_attention_is_the_eager_attention_of_that_layer(core, batc
     with torch.no_grad():
         pe = lm.rotary_emb(prompt.embeds, position_ids=prompt.position_ids)
         ours = received_attention(lm.layers[1], out.hidden_states[1], pe, prompt.attention_mask)
+        ours_last = received_attention(lm.layers[1], out.hidden_states[1], pe, prompt.attention_mask, True)
     eager = received(out.attentions[1], prompt.attention_mask.bool())
     real = prompt.attention_mask.bool()
     torch.testing.assert_close(ours[real], eager[real], rtol=1e-4, atol=1e-6)
+    last = torch.zeros_like(real)
+    last[:, -1] = True  # left padding: every row's last real token is the last position
+    torch.testing.assert_close(ours_last[real], received(out.attentions[1], last)[real], rtol=1e-4, atol=1e-6)
 
 
 def test_pruned_positions_stay_pruned_while_decoding_with_the_cache(core, batch):

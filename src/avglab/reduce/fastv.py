@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from avglab.reduce.base import InLLMReduction, ReduceConfigError
 
-QUERY_CHUNK = 256  # queries per attention block: (B, H, 256, S) floats at a time, not (B, H, S, S)
+QUERY_CHUNK = 512  # queries per attention block: (B, H, 512, <= S) floats at a time, not (B, H, S, S)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -56,15 +56,26 @@ def received_attention(
         queries = torch.zeros_like(real).scatter(1, last[:, None], True)
     else:
         queries = real
-    keys = torch.arange(seq, device=hidden.device)
+    # each chosen query's weight in the mean over heads and chosen queries
+    weights = queries.float() / (queries.sum(1, keepdim=True).clamp(min=1) * q.shape[1])  # (B, S)
+    padded = not bool(real.all())
+    lowest = torch.finfo(torch.float32).min  # not -inf: a padding query's all-masked row stays finite
     total = torch.zeros(batch, seq, dtype=torch.float32, device=hidden.device)
     for start in range(0, seq, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, seq)
-        logits = (q[:, :, start:stop] @ k.transpose(-1, -2)).float() * attn.scaling  # (B, H, n, S)
-        allowed = real[:, None, :] & (keys[None, None, :] <= keys[start:stop, None])  # (B, n, S)
-        probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
-        total += received(probs, queries[:, start:stop]) * queries[:, start:stop].sum(1, keepdim=True)
-    return total / queries.sum(1, keepdim=True).clamp(min=1)
+        chunk = weights[:, start:stop]  # (B, n)
+        if not bool(chunk.any()):
+            continue
+        # causal: the queries of [start, stop) see keys < stop only, so the rest is never computed
+        scaled = q[:, :, start:stop] * attn.scaling
+        logits = (scaled @ k[:, :, :stop].transpose(-1, -2)).float()  # (B, H, n, stop)
+        future = torch.ones(stop - start, stop - start, dtype=torch.bool, device=hidden.device).triu(1)
+        logits[..., start:stop].masked_fill_(future, lowest)
+        if padded:
+            logits.masked_fill_(~real[:, None, None, :stop], lowest)
+        # the chunk's weighted sum over queries as a batched gemv, then over heads: (B, H, 1, stop)
+        total[:, :stop] += (chunk[:, None, None, :] @ logits.softmax(-1)).sum((1, 2))
+    return total
 
 
 def received(probs: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
