@@ -48,6 +48,8 @@ def write_job(
         "granularity_histogram_by_type": hist,
         "fingerprint": {"base_checkpoint": base, "data": "synth", "data_digest": {"test": test}},
     }
+    if stage != "eval":  # newer evaluations: per-layer tokens, prefill FLOPs (older lack them)
+        metrics |= {"visual_tokens_per_layer_mean": [tokens, tokens / 2], "prefill_flops_relative": 0.5}
     (out / "metrics.json").write_text(json.dumps(metrics))
     record = {
         "question_type": "glance",
@@ -78,7 +80,8 @@ def test_tables_and_sweeps_are_collected(multirun):
     assert identity["base_sha256"] == "a" * 64 and len(runs) == 7
     text = table4(runs)
     assert text.index("AVG-LLaVA") < text.index("(a) fixed") < text.index("(g) w/o CE")
-    assert "| AVG-LLaVA (RGLF) | 80.0 | 40.0 | 80.0 | 100.0 | 40.0 |" in text
+    assert "| AVG-LLaVA (RGLF) | 80.0 | 40.0 | 80.0 | 100.0 | 40.0 | 75.0 | 50.0 |" in text
+    assert "| (a) fixed granularity | 85.0 | 42.5 | 85.0 | 250.0 | 100.0 | - | - |" in text
     assert [v for v, _ in sweep(runs, "k")] == [1, 4, 32]  # the full row joins every sweep
     assert [v for v, _ in sweep(runs, "alpha")] == [0.0, 0.1]
     assert [v for v, _ in sweep(runs, "token_cost")] == [0.0, 0.001, 0.01]

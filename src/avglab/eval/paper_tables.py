@@ -171,6 +171,8 @@ def table4(runs: list[Run]) -> str:
     rows = {r.ablation: r for r in runs if r.ablation in ROWS}
     types = sorted({t for r in rows.values() for t in r.metrics["accuracy_by_type"]})
     head = ["method", "accuracy", *[f"acc {t}" for t in types], "visual tokens", "% of full"]
+    # in-LLM pruning keeps the first layer's count: the mean over layers and the prefill FLOPs compare it
+    head += ["visual tokens, mean over layers", "prefill FLOPs (% of finest)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, label in ROWS.items():
         if name not in rows:
@@ -185,11 +187,21 @@ def table4(runs: list[Run]) -> str:
                     *[pct(m["accuracy_by_type"].get(t, float("nan"))) for t in types],
                     f"{m['visual_tokens_mean']:.1f}",
                     pct(1 - m["token_reduction"]),
+                    *layer_costs(m),
                 ]
             )
             + " |"
         )
     return "\n".join(lines)
+
+
+def layer_costs(metrics: dict) -> list[str]:
+    """Visual tokens averaged over the LLM's layers and relative prefill FLOPs ("-" for older runs)."""
+    per_layer, flops = metrics.get("visual_tokens_per_layer_mean"), metrics.get("prefill_flops_relative")
+    return [
+        f"{sum(per_layer) / len(per_layer):.1f}" if per_layer else "-",
+        pct(flops) if flops is not None else "-",
+    ]
 
 
 def per_type(run: Run) -> dict[str, dict]:
