@@ -9,7 +9,7 @@ from avglab.core.generation import greedy_generate
 from avglab.core.model import AvgCore
 from avglab.reduce.accounting import layered_prefill_flops, relative_prefill_flops
 from avglab.reduce.base import ReduceConfigError
-from avglab.reduce.build import attach, build_reduction
+from avglab.reduce.build import attach, build_reduction, build_reductions
 from avglab.reduce.fastv import FastV, received, received_attention, top_visual
 from avglab.reduce.llm_pruning import LayerPrunedLM
 from avglab.reduce.prumerge_plus import keep_newlines, merge_tokens, select_tokens
@@ -222,6 +222,13 @@ def test_bad_settings_fail_naming_the_key():
         build_reduction({"name": "fastv", "keep": 1.5}, depth=2)
     assert build_reduction("none", depth=2) is None
     assert isinstance(build_reduction("fastv", depth=32), FastV) and build_reduction("vtw", 32).layer == 16
+
+
+def test_compared_reductions_get_one_row_each():
+    both = build_reductions(["fastv", {"name": "fastv", "score": "last"}, "none"], depth=4)
+    assert list(both) == ["fastv(K=2,keep=0.5)", "fastv(K=2,keep=0.5,score=last)", "none"]
+    with pytest.raises(ReduceConfigError, match="listed twice"):
+        build_reductions(["vtw", {"name": "vtw", "layer": 2}], depth=4)  # the default layer of 4 is 2
 
 
 def test_the_router_picks_a_level_then_the_reduction_cuts_it(routed_core, batch):

@@ -60,3 +60,19 @@ def attach(core, spec) -> Reduction | None:
     """Builds ``spec`` for ``core``'s LLM and sets it as ``core.reduction``; returns it."""
     core.reduction = build_reduction(spec, core.config.text_config.num_hidden_layers)
     return core.reduction
+
+
+def build_reductions(specs, depth: int) -> dict[str, Reduction | None]:
+    """``stage.compare_reduce``'s entries by row label (``none`` for an entry naming no reduction).
+
+    Raises:
+        ReduceConfigError: as ``build_reduction``, or two entries with the same settings (one row each).
+    """
+    built: dict[str, Reduction | None] = {}
+    for spec in specs or ():
+        reduction = build_reduction(spec, depth)
+        label = reduction.label if reduction is not None else "none"
+        if label in built:
+            raise ReduceConfigError(f"stage.compare_reduce: {label} is listed twice; give each setting once")
+        built[label] = reduction
+    return built

@@ -134,7 +134,8 @@ class FastV(InLLMReduction):
     @property
     def label(self) -> str:
         """Row name with the settings."""
-        return f"fastv(K={self.layer},keep={self.keep:g})"
+        score = ",score=last" if self.score == "last" else ""  # the paper's mean score is the default
+        return f"fastv(K={self.layer},keep={self.keep:g}{score})"
 
     def settings(self) -> dict:
         """The settings behind the label."""

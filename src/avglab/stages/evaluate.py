@@ -38,7 +38,7 @@ from avglab.eval.summary import (
     score_in_percent,
     summarize,
 )
-from avglab.reduce.build import build_reduction
+from avglab.reduce.build import build_reductions
 from avglab.reduce.report import (
     add_cost_means,
     cost_fields,
@@ -115,8 +115,8 @@ class EvalStage(L.LightningModule):
             (f"fixed@{g}", i) for i, g in zip(levels, core.scaler.granularities, strict=False)
         ]
         depth = core.config.text_config.num_hidden_layers
-        built = [build_reduction(spec, depth) for spec in compare_reduce or ()]
-        self.reductions = {f"{selector_name}+{r.label}": r for r in built if r is not None}
+        built = build_reductions(compare_reduce, depth)
+        self.reductions = {f"{selector_name}+{label}": r for label, r in built.items() if r is not None}
         self.modes += [(name, None) for name in self.reductions]
         self.max_new_tokens = max_new_tokens
         self.fingerprint = fingerprint or {}

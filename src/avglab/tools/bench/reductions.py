@@ -17,7 +17,7 @@ from omegaconf import ListConfig
 
 from avglab.core.generation import greedy_generate
 from avglab.reduce.accounting import layered_prefill_flops
-from avglab.reduce.build import build_reduction
+from avglab.reduce.build import build_reductions
 from avglab.tools.bench.inputs import bench_inputs
 from avglab.tools.bench.timing import avglab_run
 
@@ -42,10 +42,7 @@ def time_reductions(cfg, core, tokenizer, image_processor) -> dict:
     """
     stage = cfg.stage
     depth = core.config.text_config.num_hidden_layers
-    reductions = {"none": None}
-    for spec in stage.compare_reduce:
-        reduction = build_reduction(spec, depth)
-        reductions[reduction.label if reduction is not None else "none"] = reduction
+    reductions = {"none": None, **build_reductions(stage.compare_reduce, depth)}
     batches = bench_inputs(cfg, tokenizer, image_processor, core.config.image_grid_pinpoints, 1)
     finest, n_new = core.scaler.num_levels - 1, stage.max_new_tokens
     n_new = max(int(x) for x in n_new) if isinstance(n_new, (list, tuple, ListConfig)) else int(n_new)
