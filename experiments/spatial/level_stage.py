@@ -1,0 +1,24 @@
+"""Stage 1 at a coarser granularity (probe only): ``stage.module=level_stage.LevelPretrainStage``.
+
+``AVGLAB_PROBE_LEVEL`` (a level index, default 2 = 16 tokens per tile, 88 visual tokens for a 128x128
+image instead of 336) is the level every training and validation step uses. Needs
+``PYTHONPATH=experiments/spatial``.
+"""
+
+import os
+
+import torch
+
+from avglab.stages.pretrain import PretrainStage
+
+
+class LevelPretrainStage(PretrainStage):
+    """Stage 1 at one coarser level (``AVGLAB_PROBE_LEVEL``, default 2) instead of the finest."""
+
+    def finest_loss(self, batch: dict, split: str) -> torch.Tensor:
+        """The answer loss at the probe's level."""
+        out = self.core(batch, level=int(os.environ.get("AVGLAB_PROBE_LEVEL", "2")))
+        size = self.batch_size(batch)
+        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
+        self.log(f"{split}/visual_tokens_mean", out.visual_tokens.float().mean(), batch_size=size)
+        return out.loss
