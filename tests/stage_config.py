@@ -26,3 +26,13 @@ def compose_stage(workspace: Path, stage: str, *overrides: str, tag: str = "", n
     """``stage=<stage>`` in ``workspace``, run in ``<workspace>/runs/<name>``, ``<stage><tag>`` by default."""
     run_dir = f"{workspace}/runs/{name if name is not None else stage + tag}"
     return compose_config(f"stage={stage}", f"workspace={workspace}", f"run_dir={run_dir}", *overrides)
+
+
+# a generated set small enough for a run in seconds: 40 training, 8 validation, 6 test samples, batches of 4
+SMALL_SYNTH = [
+    "data.synth.n_train=40",
+    "data.synth.n_val=8",
+    "data.synth.n_test=6",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+]

@@ -13,19 +13,12 @@ import time
 import urllib.request
 
 import pytest
-from stage_config import compose_run
+from stage_config import SMALL_SYNTH, compose_run
 
 from avglab.run import run
 from avglab.training.tensorboard_hparams import HPARAM_KEYS
 
-TINY = [
-    "data.synth.n_train=40",
-    "data.synth.n_val=8",
-    "data.synth.n_test=6",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
-    "trainer.log_every_n_steps=1",
-]
+TINY = [*SMALL_SYNTH, "trainer.log_every_n_steps=1"]
 SWEEP = [
     "experiment=ablations",
     "ablation=full",

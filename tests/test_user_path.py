@@ -157,3 +157,24 @@ def test_cli_evaluates_the_users_shards(tiny_walk, user_llava_shards):  # noqa: 
     written = sorted((ws / "runs" / "eval").glob("*/metrics.json"))
     assert len(written) == 1
     assert json.loads(written[0].read_text())["samples"] == user_llava_shards.converted["test"]
+
+
+def test_a_narrow_router_and_the_baselines_run_on_the_users_shards(tiny_walk, user_llava_shards):  # noqa: F811
+    """``router=avg_narrow`` trains, then evaluates with ``reduce=`` and ``stage.compare_reduce``."""
+    ws, _ = tiny_walk
+    root, tiny, test_samples = user_llava_shards.root, ["model=tiny"], user_llava_shards.converted["test"]
+    narrow = ["router=avg_narrow", "router.width=16", "publish_stage_output=false"]
+    trained = run(user_cfg(ws, root, "rglf", tiny, *narrow, "stage.previous=multigran", tag="_narrow"))
+    assert torch.isfinite(torch.tensor(trained["train/loss"]))
+    compared = "stage.compare_reduce=[{name:fastv,layer:1,keep:0.5},prumerge_plus]"
+    reduced = ["reduce=vtw", "reduce.layer=1", compared, "stage.previous=null"]
+    init = f"init_from={ws}/runs/rglf_narrow/model"
+    metrics = run(user_cfg(ws, root, "eval", tiny, *narrow, *reduced, init, tag="_narrow"))
+    assert metrics["reduction"] == {"name": "vtw", "layer": 1}
+    rows = {"avg": metrics, **metrics["reductions"]}
+    assert set(rows) == {"avg", "avg+fastv(K=1,keep=0.5)", "avg+prumerge_plus"}
+    for name, row in rows.items():
+        assert row["samples"] == test_samples, name  # every converted test sample in every row
+        assert 0 < row["prefill_flops_relative"] < 1, (
+            name
+        )  # each prunes something, within the LLM or before it

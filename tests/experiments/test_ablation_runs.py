@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from stage_config import compose_run
+from stage_config import SMALL_SYNTH, compose_run
 
 from avglab.cli import CONFIG_DIR
 from avglab.eval.paper_tables import collect, table4
@@ -21,14 +21,7 @@ ROWS = {  # ablation -> (stage output name, router kind, alpha, rank_weight, gra
     "no_rank": ("rglf", "avg", 1.0, 0.0, [4, 8, 16, 32, 64]),
     "no_ce": ("rglf", "avg", 0.0, 1.0, [4, 8, 16, 32, 64]),
 }
-TINY = [
-    "data.synth.n_train=40",
-    "data.synth.n_val=8",
-    "data.synth.n_test=6",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
-    "trainer.limit_val_batches=1",
-]
+TINY = [*SMALL_SYNTH, "trainer.limit_val_batches=1"]
 
 
 def cfg(workspace: Path, name: str, *overrides: str):

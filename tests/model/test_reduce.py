@@ -205,9 +205,16 @@ def test_prumerge_plus_keeping_everything_unmerged_packs_as_without_it(core, bat
     assert all(len(f) < len(p) for f, p in zip(fewer, plain, strict=True))
 
 
-def test_layered_flops_are_the_bench_count_and_prune_in_proportion(llava):
+def test_layered_flops_add_up_per_layer_and_prune_in_proportion(llava):
     config = llava.config.text_config
+    assert config.num_hidden_layers == 2  # the bench's count is the layered count at one length
     assert layered_prefill_flops(config, [300, 300]) == pytest.approx(prefill_flops(config, 300))
+    # each layer adds its own length's cost: layer 2's 100 tokens cost the same beside 300 or beside 0
+    second = layered_prefill_flops(config, [300, 100]) - layered_prefill_flops(config, [300, 0])
+    assert second == pytest.approx(
+        layered_prefill_flops(config, [0, 100]) - layered_prefill_flops(config, [0, 0])
+    )
+    assert layered_prefill_flops(config, [300, 100]) < layered_prefill_flops(config, [300, 300])
     assert relative_prefill_flops(config, 20, [280, 280], 280) == 1.0
     halfway = relative_prefill_flops(config, 20, [280, 0], 280)
     assert 0.5 < halfway < 0.6  # layer 2 sees 20 of 300 tokens

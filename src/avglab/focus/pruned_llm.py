@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
-from avglab.core.transformers_names import cache_keyword
+from avglab.core.decoder_parts import causal_mask, run_layer
 from avglab.focus.text_sampler import TextPlan, compact, select_by_gamma, visual_attention_scores
 
 
@@ -83,14 +82,7 @@ class PrunedLanguageModel:
 
     def causal_mask(self, hidden, attention_mask, position_ids, cache, layer_idx):
         """Transformers' own mask for the configured attention kernel, sized on ``layer_idx``'s cache."""
-        return create_causal_mask(
-            config=self.lm.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            layer_idx=layer_idx,
-            **{cache_keyword(create_causal_mask): cache},
-        )
+        return causal_mask(self.lm, hidden, attention_mask, position_ids, cache, layer_idx)
 
     def forward(
         self,
@@ -135,14 +127,7 @@ class PrunedLanguageModel:
             if bool(here.any()) and forced_keep is None:
                 with torch.no_grad():  # Eq. 8 on this layer only; selection is discrete, no gradient
                     scores = visual_attention_scores(layer, hidden, pe, mask, query & here[:, None], vis)
-            hidden = layer(
-                hidden,
-                attention_mask=causal,
-                position_ids=pos,
-                use_cache=cache is not None,
-                **{cache_keyword(type(layer).forward): cache},
-                position_embeddings=pe,
-            )
+            hidden = run_layer(layer, hidden, causal, pos, pe, cache)
             if not bool(here.any()):
                 continue
             candidates = vis & here[:, None]
@@ -200,12 +185,5 @@ class PrunedLanguageModel:
         hidden = embeds
         for j, layer in enumerate(self.lm.layers):
             which = max(k for k, start in enumerate(starts) if start <= j)
-            hidden = layer(
-                hidden,
-                attention_mask=masks[which],
-                position_ids=position_ids,
-                use_cache=True,
-                **{cache_keyword(type(layer).forward): cache},
-                position_embeddings=pe,
-            )
+            hidden = run_layer(layer, hidden, masks[which], position_ids, pe, cache)
         return self.lm.norm(hidden)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+from transformers.models.llama.modeling_llama import repeat_kv
 
+from avglab.core.decoder_parts import rope
 from avglab.focus.regions import FocusConfigError
 
 
@@ -121,11 +122,6 @@ def check_gamma(value: float, key: str) -> float:
     if not 0.0 < float(value) <= 1.0:
         raise FocusConfigError(f"{key}={value}: gamma is a share of the attention mass, in (0, 1]")
     return float(value)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of (B, H, n, d) states with (B, n, d) cos/sin (as LLaMA applies it)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 def visual_attention_scores(

@@ -2,7 +2,7 @@
 
 A first-layer token count cannot compare a method that prunes inside the LLM (FastV, VTW) with one
 that prunes before it (PruMerge+, AVG-LLaVA's levels); the prefill FLOPs over every layer can. The
-count is the bench's (``avglab.tools.bench.flops.prefill_flops``), taken layer by layer.
+bench's ``avglab.tools.bench.flops.prefill_flops`` is this count with the same length at every layer.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ def layer_flops(text_config, seq_len: int) -> float:
 
 
 def layered_prefill_flops(text_config, tokens_per_layer: Sequence[int]) -> float:
-    """Prefill FLOPs when layer l sees ``tokens_per_layer[l]`` tokens, LM head on the last position.
-
-    With the same count at every layer this is ``prefill_flops`` of the bench.
-    """
+    """Prefill FLOPs when layer l sees ``tokens_per_layer[l]`` tokens, LM head on the last position."""
     head = 2 * text_config.hidden_size * text_config.vocab_size
     return sum(layer_flops(text_config, int(s)) for s in tokens_per_layer) + head
 

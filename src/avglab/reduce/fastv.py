@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+from transformers.models.llama.modeling_llama import repeat_kv
 
+from avglab.core.decoder_parts import rope
 from avglab.reduce.base import InLLMReduction, ReduceConfigError
 
 QUERY_CHUNK = 512  # queries per attention block: (B, H, 512, <= S) floats at a time, not (B, H, S, S)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of (B, H, n, d) states with (B, n, d) cos/sin (LLaMA's formula)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 def received_attention(

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
-from avglab.core.transformers_names import cache_keyword
+from avglab.core.decoder_parts import causal_mask, run_layer
 
 # (layer K's module, its input hidden (B, S, C), (cos, sin), mask (B, S), visual (B, S)) -> kept (B, S)
 Chooser = Callable[[nn.Module, torch.Tensor, tuple, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -83,26 +82,7 @@ class LayerPrunedLM:
 
     def causal_mask(self, hidden, mask, positions, cache, layer_idx):
         """Transformers' mask for the configured kernel, sized on ``layer_idx``'s cache."""
-        return create_causal_mask(
-            config=self.lm.config,
-            inputs_embeds=hidden,
-            attention_mask=mask,
-            position_ids=positions,
-            layer_idx=layer_idx,
-            **{cache_keyword(create_causal_mask): cache},
-        )
-
-    def layer_call(self, j, hidden, causal, positions, pe, cache):
-        """Decoder layer ``j`` on (B, n, C) ``hidden``, as ``LlamaModel.forward`` calls it."""
-        layer = self.lm.layers[j]
-        return layer(
-            hidden,
-            attention_mask=causal,
-            position_ids=positions,
-            use_cache=cache is not None,
-            position_embeddings=pe,
-            **{cache_keyword(type(layer).forward): cache},
-        )
+        return causal_mask(self.lm, hidden, mask, positions, cache, layer_idx)
 
     def forward(
         self,
@@ -151,7 +131,7 @@ class LayerPrunedLM:
             if j == self.depth:
                 break
             scored_input = hidden  # layer j's input: FastV scores layer K's attention from it
-            hidden = self.layer_call(j, hidden, causal, pos, pe, cache)
+            hidden = run_layer(self.lm.layers[j], hidden, causal, pos, pe, cache)
         if withdrawn is not None:  # training/scoring: every input position's last state
             withdrawn = withdrawn.clone()
             rows = torch.arange(batch, device=hidden.device)[:, None].expand_as(index)
@@ -182,5 +162,5 @@ class LayerPrunedLM:
         hidden = embeds
         for j in range(self.depth):
             segment = max(k for k, start in enumerate(starts) if start <= j)
-            hidden = self.layer_call(j, hidden, causal[segment], positions, pe, cache)
+            hidden = run_layer(self.lm.layers[j], hidden, causal[segment], positions, pe, cache)
         return self.lm.norm(hidden)

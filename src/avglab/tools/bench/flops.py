@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from avglab.reduce.accounting import layered_prefill_flops
+
 
 def prefill_flops(text_config, seq_len: int) -> float:
     """FLOPs of one LLaMA-style prefill of ``seq_len`` tokens, LM head on the last position only.
@@ -16,15 +18,7 @@ def prefill_flops(text_config, seq_len: int) -> float:
             num_attention_heads, num_key_value_heads, vocab_size).
         seq_len: input tokens S (text + visual).
     """
-    h, f = text_config.hidden_size, text_config.intermediate_size
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or h // heads
-    s = seq_len
-    projections = 2 * s * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim)
-    mlp = 2 * s * 3 * h * f
-    attention = 2 * 2 * heads * head_dim * s * (s + 1) / 2
-    return text_config.num_hidden_layers * (projections + mlp + attention) + 2 * h * text_config.vocab_size
+    return layered_prefill_flops(text_config, [seq_len] * text_config.num_hidden_layers)
 
 
 def router_flops(router, tiles: int) -> float:
