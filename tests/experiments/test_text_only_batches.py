@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 import avglab.avg.feedback_cache as fc
 from avglab.avg.router import GranularityRouter
-from avglab.core.model import AvgCore, batch_rows
+from avglab.core.core_output import batch_rows
+from avglab.core.model import AvgCore
 from avglab.focus.build import build_focus_core
 from avglab.stages.evaluate import EvalStage
 from avglab.stages.focus import FocusStage

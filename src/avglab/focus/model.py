@@ -22,8 +22,9 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import LlavaNextForConditionalGeneration
 from transformers.cache_utils import DynamicCache
 
+from avglab.core.core_output import CoreOutput, Encoded
 from avglab.core.generation import Generated, greedy_generate, synchronize
-from avglab.core.model import AvgCore, CoreOutput, Encoded
+from avglab.core.model import AvgCore
 from avglab.core.packing import pack_image
 from avglab.core.splice import Spliced
 from avglab.focus.pruned_llm import PrunedLanguageModel, PrunedState, equivalent_tokens

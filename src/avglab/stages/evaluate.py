@@ -14,7 +14,6 @@ the machine and would time each other's contention.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -28,24 +27,10 @@ from avglab.core.model import AvgCore
 from avglab.data.ranks import gather_objects
 from avglab.eval.metrics import exact_match
 from avglab.eval.scoring import benchmark_score, check_metric
-from avglab.eval.summary import (
-    LATENCY_NOTE,
-    PHASES,
-    TOKEN_NOTE,
-    format_table,
-    histogram_figure,
-    routed_any,
-    score_in_percent,
-    summarize,
-)
+from avglab.eval.summary import LATENCY_NOTE, TOKEN_NOTE, summarize
 from avglab.reduce.build import build_reductions
-from avglab.reduce.report import (
-    add_cost_means,
-    cost_fields,
-    format_cost_table,
-    pareto_figure,
-    tokens_per_layer,
-)
+from avglab.reduce.report import add_cost_means, cost_fields, tokens_per_layer
+from avglab.stages.eval_output import write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -217,27 +202,6 @@ class EvalStage(L.LightningModule):
             )
         return records
 
-    @staticmethod
-    def scalars(name: str, m: dict) -> dict[str, float]:
-        """TensorBoard scalars of a selector: accuracy, benchmark metric, tokens, routing shares, latency."""
-        bench = m["benchmark"]
-        out = {
-            f"eval/{name}/accuracy": m["accuracy"],
-            f"eval/{name}/{bench['metric']}": bench["score"],
-            f"eval/{name}/visual_tokens_mean": m["visual_tokens_mean"],
-            f"eval/{name}/visual_tokens_equivalent_mean": m["visual_tokens_equivalent_mean"],
-            f"eval/{name}/text_only_samples": m["text_only_samples"],
-        }
-        if m["visual_tokens_per_grid_mean"] is not None:  # a selector that chooses no level has none
-            out[f"eval/{name}/visual_tokens_per_grid_mean"] = m["visual_tokens_per_grid_mean"]
-        out.update({f"eval/{name}/{bench['metric']}_{k}": v for k, v in bench["components"].items()})
-        out.update({f"eval/{name}/accuracy_{t}": a for t, a in m["accuracy_by_type"].items()})
-        total = max(1, sum(m["granularity_histogram"].values()))
-        out.update({f"eval/{name}/share_{g}": n / total for g, n in m["granularity_histogram"].items()})
-        latency = m["latency_ms"]
-        out.update({f"eval/{name}/latency_ms_{p}": latency[p] for p in PHASES if p in latency})
-        return out
-
     # --- in-LLM pruning (FocusLLaVA's text sampler): its decoding loop and layer-weighted tokens ---
     def generate(self, prompt, batch: dict, level: int | None = None):
         """Greedy decoding; a core with its own loop (``FocusCore.generate_greedy``) runs that one.
@@ -377,50 +341,4 @@ class EvalStage(L.LightningModule):
         )
         self.metrics = main  # every rank: the same figures
         if self.global_rank == 0:
-            self.write(main, records[self.selector_name])
-
-    def write(self, main: dict, records: list[dict]) -> None:
-        """metrics.json, predictions.jsonl (rank by rank), routing figure, TensorBoard and the printout."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "metrics.json").write_text(json.dumps(main, indent=2))
-        with open(self.out_dir / "predictions.jsonl", "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        fig = None
-        if routed_any(main["granularity_histogram_by_type"]):  # no level chosen: no empty figure
-            fig = histogram_figure(
-                main["granularity_histogram_by_type"], f"granularity chosen by {self.selector_name}"
-            )
-            fig.savefig(self.out_dir / "granularity_histogram.png", dpi=100)
-        pareto = None
-        if self.reductions or self.core.reduction is not None:  # reduce=none alone: outputs as before
-            pareto = pareto_figure(self.results, "accuracy vs prefill FLOPs")
-            pareto.savefig(self.out_dir / "pareto.png", dpi=100)
-        if self.logger is not None:
-            for name, m in self.results.items():
-                self.logger.log_metrics(self.scalars(name, m), step=0)
-            if fig is not None:
-                self.logger.experiment.add_figure("eval/granularity_histogram", fig, global_step=0)
-            if pareto is not None:
-                self.logger.experiment.add_figure("eval/pareto", pareto, global_step=0)
-                key = "prefill_flops_relative"
-                self.logger.log_metrics({f"eval/{n}/{key}": r[key] for n, r in self.results.items()}, step=0)
-            self.logger.experiment.flush()
-        print(format_table(self.results))
-        if pareto is not None:
-            print("cost per mode (visual tokens per LLM layer; the LLM's prefill FLOPs vs the finest level):")
-            print(format_cost_table(self.results))
-        routing = main["granularity_histogram_by_type"]
-        print(
-            f"granularity histogram ({self.selector_name}, by question type): "
-            + (str(routing) if routed_any(routing) else "n/a (no granularity level is chosen)")
-        )
-        score = main["benchmark"]["score"]
-        shown = f"{100 * score:.1f}%" if score_in_percent(self.metric) else f"{score:.4g} points"
-        print(f"{self.metric}: {shown} ({main['benchmark']['counted']})")
-        print(f"latency ({LATENCY_NOTE}; {main['latency_samples']} samples): {main['latency_ms']}")
-        print(f"tokens: {TOKEN_NOTE}")
-        print(
-            "layer-weighted visual tokens (m - n + i*n/L; = first-layer count without in-LLM pruning): "
-            + ", ".join(f"{k} {v['visual_tokens_equivalent_mean']:.1f}" for k, v in self.results.items())
-        )
+            write_outputs(self, main, records[self.selector_name])
