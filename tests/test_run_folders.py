@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from omegaconf import OmegaConf
 from stage_config import compose_config
 
@@ -28,6 +29,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     assert OmegaConf.select(first, "hydra.run.dir") == folders[0]
 
 
+@pytest.mark.slow  # the default run checks the first half on its TensorBoard sweep (test_tensorboard_views)
 def test_multirun_jobs_leave_the_stage_output_alone_unless_asked(tmp_path):
     """``python -m avglab -m ... seed=0,1``: neither job publishes; ``publish_stage_output=true`` does."""
     env = {**os.environ, "AVGLAB_WORKSPACE": str(tmp_path), "OMP_NUM_THREADS": "1"}

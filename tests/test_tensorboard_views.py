@@ -99,6 +99,11 @@ def sessions(ask) -> dict[str, dict]:
     return out
 
 
+def test_the_sweeps_jobs_leave_the_workspaces_stage_output_alone(workspace):
+    assert len(list(workspace.glob("multirun/*/*/model/core.safetensors"))) == 2  # both jobs trained
+    assert not (workspace / "stages" / "rglf.json").exists()  # multirun jobs do not publish by default
+
+
 def test_hparams_list_the_sweep_members_with_their_knobs_and_metrics(board):
     experiment = board("data/plugin/hparams/experiment", {"experimentName": ""})
     columns = {h["name"] for h in experiment["hparamInfos"]}
