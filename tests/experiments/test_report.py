@@ -50,6 +50,8 @@ def write_job(
     }
     if stage != "eval":  # newer evaluations: per-layer tokens, prefill FLOPs (older lack them)
         metrics |= {"visual_tokens_per_layer_mean": [tokens, tokens / 2], "prefill_flops_relative": 0.5}
+        vtw = {"accuracy": 0.4 if ablation == "no_ce" else 0.5, "prefill_flops_relative": 0.55}
+        metrics["reductions"] = {"none+vtw(K=1)": vtw | {"visual_tokens_per_layer_mean": [tokens, 0]}}
     (out / "metrics.json").write_text(json.dumps(metrics))
     record = {
         "question_type": "glance",
@@ -101,7 +103,17 @@ def test_report_writes_tables_figures_and_tensorboard(multirun, tmp_path):
         "Table 4" in text and "Table 3" in text and "sweep: k" in text and "| glance | 40.0% | 2.50x" in text
     )
     assert "### sweep: token_cost (router.token_cost_scale=linear)" in text
-    for png in ("fig5_routing.png", "fig6_k.png", "fig7_alpha.png", "pareto_token_cost.png"):
+    flops = text.split("### Accuracy against prefill FLOPs")[1].split("###")[0]
+    # the runs with prefill FLOPs (the fixed row's older evaluation has none), each run's reduction once
+    assert "| AVG-LLaVA (RGLF) | 80.0 |" in flops and "| (a) fixed granularity |" not in flops
+    assert flops.count("| none+vtw(K=1) | 50.0 |") == 1 and "| none+vtw(K=1) [2] | 40.0 |" in flops
+    for png in (
+        "fig5_routing.png",
+        "fig6_k.png",
+        "fig7_alpha.png",
+        "pareto_token_cost.png",
+        "pareto_prefill_flops.png",
+    ):
         assert (out / png).stat().st_size > 0
     stale = out / "tensorboard" / "events.out.tfevents.0.old.0"
     stale.write_bytes(b"")

@@ -5,12 +5,13 @@ import torch
 from tiny_batches import LEVELS, SIZES, make_batch
 from transformers import DynamicCache
 
+from avglab.core.decoder_parts import causal_mask, run_layer
 from avglab.core.generation import greedy_generate
 from avglab.core.model import AvgCore
 from avglab.reduce.accounting import layered_prefill_flops, relative_prefill_flops
 from avglab.reduce.base import ReduceConfigError
 from avglab.reduce.build import attach, build_reduction, build_reductions
-from avglab.reduce.fastv import FastV, received, received_attention, top_visual
+from avglab.reduce.fastv import FastV, layer_with_received_attention, received, received_attention, top_visual
 from avglab.reduce.llm_pruning import LayerPrunedLM
 from avglab.reduce.prumerge_plus import keep_newlines, merge_tokens, select_tokens
 from avglab.tools.bench.flops import prefill_flops
@@ -112,6 +113,48 @@ def test_the_one_layer_attention_is_the_eager_attention_of_that_layer(core, batc
     last = torch.zeros_like(real)
     last[:, -1] = True  # left padding: every row's last real token is the last position
     torch.testing.assert_close(ours_last[real], received(out.attentions[1], last)[real], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("last_only", [False, True], ids=["mean", "last"])
+def test_layer_k_runs_once_for_its_output_and_the_score(core, batch, last_only):
+    prompt = prompts(core, batch, [2, 3], [10, 7], [0, 1])  # left-padded
+    lm = core.llava.model.language_model
+    real = prompt.attention_mask.bool()
+    with torch.no_grad():
+        pe = lm.rotary_emb(prompt.embeds, position_ids=prompt.position_ids)
+        causal = causal_mask(lm, prompt.embeds, prompt.attention_mask, prompt.position_ids, None, 0)
+        hidden = run_layer(lm.layers[0], prompt.embeds, causal, prompt.position_ids, pe, None)
+        plain_cache, fused_cache = DynamicCache(config=lm.config), DynamicCache(config=lm.config)
+        heads, width = lm.config.num_key_value_heads, lm.config.hidden_size // lm.config.num_attention_heads
+        for cache in (plain_cache, fused_cache):  # layer 0's slot, so that layer 1 writes slot 1
+            cache.update(*(torch.zeros(2, heads, 0, width) for _ in range(2)), 0)
+        mask = causal_mask(lm, hidden, prompt.attention_mask, prompt.position_ids, plain_cache, 1)
+        expected = run_layer(lm.layers[1], hidden, mask, prompt.position_ids, pe, plain_cache)
+        score = received_attention(lm.layers[1], hidden, pe, prompt.attention_mask, last_only)
+        output, fused_score = layer_with_received_attention(
+            lm.layers[1], hidden, pe, prompt.attention_mask, fused_cache, last_only
+        )
+    torch.testing.assert_close(output[real], expected[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_score, score, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused_cache.layers[1].keys, plain_cache.layers[1].keys)
+    torch.testing.assert_close(fused_cache.layers[1].values, plain_cache.layers[1].values)
+
+
+def test_fastv_prunes_the_same_tokens_with_layer_k_fused(core, batch):
+    reduction = attach(core, {"name": "fastv", "layer": 1, "keep": 0.25})
+    prompt = prompts(core, batch, [4, 3, 2], [10, 7, 9], [0, 1, 2])
+    lm = core.llava.model.language_model
+    fused, separate = reduction.pruned_lm(core), LayerPrunedLM(lm, 1, reduction.choose)
+    with torch.no_grad():
+        runs = [
+            pruned.forward(
+                prompt.embeds, prompt.attention_mask, prompt.position_ids, prompt.visual_mask, None, "left"
+            )
+            for pruned in (fused, separate)
+        ]
+    assert torch.equal(runs[0].index, runs[1].index) and torch.equal(runs[0].mask, runs[1].mask)
+    real = runs[0].mask.bool()
+    torch.testing.assert_close(runs[0].hidden[real], runs[1].hidden[real], rtol=1e-5, atol=1e-5)
 
 
 def test_pruned_positions_stay_pruned_while_decoding_with_the_cache(core, batch):

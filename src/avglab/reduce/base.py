@@ -120,7 +120,8 @@ class InLLMReduction(Reduction):
 
     def pruned_lm(self, core) -> LayerPrunedLM:
         """``core``'s decoder, pruned after layer K by ``choose``."""
-        return LayerPrunedLM(core.llava.model.language_model, self.layer, self.choose)
+        lm = core.llava.model.language_model
+        return LayerPrunedLM(lm, self.layer, self.choose, getattr(self, "scored_layer", None))
 
     def mark(self, spliced: Spliced, input_ids, attention_mask, visual, image_token_id, padding_side):
         """``spliced`` with its visual mask (``ReducedSpliced``)."""

@@ -3,8 +3,9 @@
 After layer K (paper: K = 2) only the top ``keep`` share of the visual tokens (paper: R = 50% pruned,
 keep = 0.5) go on, ranked by the attention they receive in layer K: per the paper, the average over
 heads of the attention each token receives from all tokens (``score=mean``); FastV's public code
-ranks by the last token's row instead (``score=last``). The attention probabilities of that one layer
-are computed here from the layer's own projections; every layer still runs its configured kernel.
+ranks by the last token's row instead (``score=last``). In inference layer K runs once, from its own
+projections with an explicit softmax that gives both its output and the score (no second attention);
+every other layer runs its configured kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +18,69 @@ from avglab.core.decoder_parts import rope
 from avglab.reduce.base import InLLMReduction, ReduceConfigError
 
 QUERY_CHUNK = 512  # queries per attention block: (B, H, 512, <= S) floats at a time, not (B, H, S, S)
+
+
+def _query_weights(mask: torch.Tensor, last_only: bool) -> torch.Tensor:
+    """(B, S) each real query's weight in FastV's mean (all real queries, or the last real one)."""
+    real = mask.bool()
+    if last_only:  # the last real query per row: its index is the last 1 of the mask
+        last = real.shape[1] - 1 - real.flip(1).int().argmax(1)
+        real = torch.zeros_like(real).scatter(1, last[:, None], True)
+    return real.float() / real.sum(1, keepdim=True).clamp(min=1)
+
+
+def _attend(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    last_only: bool,
+    cache=None,
+    with_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Received attention of one layer, and with ``with_output`` the layer's output from the same softmax."""
+    attn = layer.self_attn
+    batch, seq, _ = hidden.shape
+    normed = layer.input_layernorm(hidden)
+    cos, sin = position_embeddings
+    q = attn.q_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+    k = rope(attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    q = rope(q, cos, sin)
+    heads = q.shape[1]
+    v = None
+    if with_output:
+        v = attn.v_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        if cache is not None:  # a prefill: this layer's cache is empty, so it returns k, v as given
+            k, v = cache.update(k, v, attn.layer_idx)
+        v = repeat_kv(v, heads // v.shape[1])
+    k = repeat_kv(k, heads // k.shape[1])  # (B, H, S, d)
+    real = mask.bool()
+    weights = _query_weights(mask, last_only) / heads  # (B, S): weight in the mean over heads and queries
+    padded = not bool(real.all())
+    lowest = torch.finfo(torch.float32).min  # not -inf: a padding query's all-masked row stays finite
+    total = torch.zeros(batch, seq, dtype=torch.float32, device=hidden.device)
+    out = torch.empty_like(q) if with_output else None  # (B, H, S, d)
+    for start in range(0, seq, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, seq)
+        chunk = weights[:, start:stop]  # (B, n)
+        if not with_output and not bool(chunk.any()):
+            continue
+        # causal: the queries of [start, stop) see keys < stop only, so the rest is never computed
+        logits = ((q[:, :, start:stop] * attn.scaling) @ k[:, :, :stop].transpose(-1, -2)).float()
+        future = torch.ones(stop - start, stop - start, dtype=torch.bool, device=hidden.device).triu(1)
+        logits[..., start:stop].masked_fill_(future, lowest)
+        if padded:
+            logits.masked_fill_(~real[:, None, None, :stop], lowest)
+        probs = logits.softmax(-1)  # (B, H, n, stop), float32 as eager attention's softmax
+        # the chunk's weighted sum over queries as a batched gemv, then over heads: (B, H, 1, stop)
+        total[:, :stop] += (chunk[:, None, None, :] @ probs).sum((1, 2))
+        if with_output:
+            out[:, :, start:stop] = probs.to(v.dtype) @ v[:, :, :stop]
+    if not with_output:
+        return total, None
+    # the rest of LlamaDecoderLayer.forward: o_proj, residual, post-attention norm, MLP, residual
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    return total, hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def received_attention(
@@ -38,40 +102,48 @@ def received_attention(
     Returns:
         (B, S) float32 mean over heads and real queries of softmax(QK^T / sqrt(d)) (causal, padding masked).
     """
-    attn = layer.self_attn
-    batch, seq, _ = hidden.shape
-    normed = layer.input_layernorm(hidden)
-    cos, sin = position_embeddings
-    q = attn.q_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
-    k = repeat_kv(k, q.shape[1] // k.shape[1])  # (B, H, S, d)
-    real = mask.bool()
-    if last_only:  # the last real query per row: its index is the last 1 of the mask
-        last = seq - 1 - real.flip(1).int().argmax(1)
-        queries = torch.zeros_like(real).scatter(1, last[:, None], True)
-    else:
-        queries = real
-    # each chosen query's weight in the mean over heads and chosen queries
-    weights = queries.float() / (queries.sum(1, keepdim=True).clamp(min=1) * q.shape[1])  # (B, S)
-    padded = not bool(real.all())
-    lowest = torch.finfo(torch.float32).min  # not -inf: a padding query's all-masked row stays finite
-    total = torch.zeros(batch, seq, dtype=torch.float32, device=hidden.device)
-    for start in range(0, seq, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, seq)
-        chunk = weights[:, start:stop]  # (B, n)
-        if not bool(chunk.any()):
-            continue
-        # causal: the queries of [start, stop) see keys < stop only, so the rest is never computed
-        scaled = q[:, :, start:stop] * attn.scaling
-        logits = (scaled @ k[:, :, :stop].transpose(-1, -2)).float()  # (B, H, n, stop)
-        future = torch.ones(stop - start, stop - start, dtype=torch.bool, device=hidden.device).triu(1)
-        logits[..., start:stop].masked_fill_(future, lowest)
-        if padded:
-            logits.masked_fill_(~real[:, None, None, :stop], lowest)
-        # the chunk's weighted sum over queries as a batched gemv, then over heads: (B, H, 1, stop)
-        total[:, :stop] += (chunk[:, None, None, :] @ logits.softmax(-1)).sum((1, 2))
-    return total
+    return _attend(layer, hidden, position_embeddings, mask, last_only)[0]
+
+
+def layer_with_received_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    cache=None,
+    last_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LLaMA-style decoder layer's output and FastV's score from a single attention pass.
+
+    The scored layer's softmax serves both its output (probs @ V) and the score, so FastV costs no
+    second attention of layer K. Used in inference only (no dropout), on a prefill or a full forward.
+
+    Args:
+        layer: a decoder layer (``input_layernorm``, ``self_attn`` with q/k/v/o projections,
+            ``post_attention_layernorm``, ``mlp``).
+        hidden: (B, S, C) the layer's input.
+        position_embeddings: (cos, sin), each (B, S, d).
+        mask: (B, S) padding mask (causal attention over real keys).
+        cache: the KV cache a prefill fills (the layer's own slot, empty before), or None.
+        last_only: score from the last real query of each row only.
+
+    Returns:
+        (B, S, C) the layer's output (as ``layer(...)`` gives it) and the (B, S) float32 score.
+    """
+    scores, output = _attend(layer, hidden, position_embeddings, mask, last_only, cache, True)
+    return output, scores
+
+
+def fusable(layer: nn.Module) -> bool:
+    """Whether ``layer`` has the LLaMA layout ``layer_with_received_attention`` recomputes."""
+    attn = getattr(layer, "self_attn", None)
+    parts = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim", "layer_idx")
+    return (
+        attn is not None
+        and all(hasattr(attn, name) for name in parts)
+        and all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp"))
+        and getattr(attn, "sliding_window", None) is None
+    )
 
 
 def received(probs: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -143,3 +215,12 @@ class FastV(InLLMReduction):
             return visual
         scores = received_attention(layer, hidden, position_embeddings, mask, self.score == "last")
         return top_visual(scores, visual, self.keep)
+
+    def scored_layer(self, layer, hidden, position_embeddings, mask, visual, cache):
+        """Layer K's output and the kept tokens from one attention pass (None: ``choose`` after the layer)."""
+        if self.keep >= 1.0 or not fusable(layer):
+            return None
+        output, scores = layer_with_received_attention(
+            layer, hidden, position_embeddings, mask, cache, self.score == "last"
+        )
+        return output, top_visual(scores, visual, self.keep)

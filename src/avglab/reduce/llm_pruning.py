@@ -19,6 +19,9 @@ from avglab.core.decoder_parts import causal_mask, run_layer
 
 # (layer K's module, its input hidden (B, S, C), (cos, sin), mask (B, S), visual (B, S)) -> kept (B, S)
 Chooser = Callable[[nn.Module, torch.Tensor, tuple, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer K's module, its input, (cos, sin), mask, visual, cache) -> (layer K's output (B, S, C), kept (B, S)),
+# or None where it cannot: runs layer K and scores it in one pass (FastV)
+ScoredLayer = Callable[[nn.Module, torch.Tensor, tuple, torch.Tensor, torch.Tensor, object], tuple | None]
 
 
 def compact(keep: torch.Tensor, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +74,17 @@ class LayerPrunedLM:
         language_model: a Hugging Face decoder with ``layers``, ``norm``, ``rotary_emb``, ``config``.
         layer: K, the number of layers that see every visual token (K = L: nothing is pruned).
         choose: kept visual tokens from layer K's input (the method's rule); called without gradient.
+        scored_layer: optional; in inference, runs layer K and gives the kept tokens in one pass
+            (its output equals the layer's own), instead of the layer call plus ``choose``.
     """
 
-    def __init__(self, language_model: nn.Module, layer: int, choose: Chooser):
+    def __init__(
+        self, language_model: nn.Module, layer: int, choose: Chooser, scored_layer: ScoredLayer | None = None
+    ):
         for name in ("layers", "norm", "rotary_emb"):
             if not hasattr(language_model, name):
                 raise TypeError(f"in-LLM reduction needs a decoder with `{name}`, got {type(language_model)}")
-        self.lm, self.layer, self.choose = language_model, layer, choose
+        self.lm, self.layer, self.choose, self.scored_layer = language_model, layer, choose, scored_layer
         self.depth = len(language_model.layers)
 
     def causal_mask(self, hidden, mask, positions, cache, layer_idx):
@@ -111,11 +118,14 @@ class LayerPrunedLM:
         masks, withdrawn = [(0, mask)], None
         pe = self.lm.rotary_emb(hidden, position_ids=pos)
         causal = self.causal_mask(hidden, mask, pos, cache, 0)
-        scored_input = hidden
+        scored_input, chosen = hidden, None
+        prunes = self.layer < self.depth and bool(visual.any())
         for j in range(self.depth + 1):
-            if j == self.layer and j < self.depth and bool(visual.any()):
-                with torch.no_grad():  # a discrete choice: no gradient, as in both papers
-                    keep = self.choose(self.lm.layers[max(j - 1, 0)], scored_input, pe, mask, visual)
+            if j == self.layer and prunes:
+                keep = chosen
+                if keep is None:
+                    with torch.no_grad():  # a discrete choice: no gradient, as in both papers
+                        keep = self.choose(self.lm.layers[max(j - 1, 0)], scored_input, pe, mask, visual)
                 drop = visual & ~keep.bool()
                 if bool(drop.any()):  # nothing dropped: the sequence (and its numbers) stay as they are
                     if cache is None and withdrawn is None:  # decoding never reads dropped positions
@@ -131,7 +141,18 @@ class LayerPrunedLM:
             if j == self.depth:
                 break
             scored_input = hidden  # layer j's input: FastV scores layer K's attention from it
-            hidden = run_layer(self.lm.layers[j], hidden, causal, pos, pe, cache)
+            fused = None
+            if (
+                j == self.layer - 1
+                and prunes
+                and self.scored_layer is not None
+                and not torch.is_grad_enabled()
+            ):
+                fused = self.scored_layer(self.lm.layers[j], hidden, pe, mask, visual, cache)
+            if fused is None:
+                hidden = run_layer(self.lm.layers[j], hidden, causal, pos, pe, cache)
+            else:
+                hidden, chosen = fused
         if withdrawn is not None:  # training/scoring: every input position's last state
             withdrawn = withdrawn.clone()
             rows = torch.arange(batch, device=hidden.device)[:, None].expand_as(index)

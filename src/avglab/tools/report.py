@@ -5,7 +5,8 @@ token-cost sweeps), refuses to mix base checkpoints or data sets, and writes:
 - ``tables.md``: Table 4 (ablations), Table 3 (tokens kept and speed per question type), the
   sweep tables and the routing of every run (share of each question type at each granularity);
 - ``fig5_routing.png`` (routing proportions of the full row per question type), ``fig6_k.png``,
-  ``fig7_alpha.png``, ``pareto_token_cost.png``;
+  ``fig7_alpha.png``, ``pareto_token_cost.png``, ``pareto_prefill_flops.png`` (accuracy against prefill
+  FLOPs of every evaluated mode: each run, its fixed levels and its training-free reductions);
 - ``runs.json`` (what was collected) and TensorBoard events in ``tensorboard/`` (figures, tables as
   text, sweep scalars).
 """
@@ -32,6 +33,8 @@ from avglab.eval.paper_tables import (
 )
 from avglab.eval.summary import histogram_figure
 from avglab.eval.sweep_figures import pareto_figure, sweep_figure
+from avglab.reduce.report import format_cost_table
+from avglab.reduce.report import pareto_figure as flops_pareto_figure
 
 SWEEP_FIGURES = {  # sweep -> (file, title, log x)
     "k": ("fig6_k.png", "Fig. 6: instruction tokens kept (k)", False),
@@ -83,6 +86,13 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
             figures[file] = pareto_figure(points, refs)
         else:
             figures[file] = sweep_figure(points, name, title, log_x)
+    costs = cost_points(runs)
+    if len(costs) > 1:
+        sections.append(
+            "### Accuracy against prefill FLOPs (every evaluated mode, FLOPs relative to the finest)\n\n"
+            + format_cost_table(costs)
+        )
+        figures["pareto_prefill_flops.png"] = flops_pareto_figure(costs, "accuracy vs prefill FLOPs")
     sections.append(
         "### Routing: share of each question type's samples at each granularity (coarsest first)\n\n"
         + routing_table(routing_rows(runs, sweeps))
@@ -108,6 +118,35 @@ def write_report(folders: list[Path], out: Path, tensorboard: bool = True) -> di
     if tensorboard:
         log_tensorboard(out / "tensorboard", text, figures, sweeps)
     return {"tables": out / "tables.md", "figures": sorted(figures), "runs": len(runs)}
+
+
+def cost_points(runs: list[Run]) -> dict[str, dict]:
+    """Every evaluated mode with prefill FLOPs: each run's own row, its fixed levels and its reductions.
+
+    A run is named by its Table 4 row, else its folder; a fixed level or reduction by its mode. A mode that
+    several runs scored alike is one point; one scored differently (another base model, another seed) gets
+    the run's folder added to its name.
+    """
+    points: dict[str, dict] = {}
+    for run in runs:
+        label = ROWS.get(run.ablation) or run.path.name
+        modes = [(label, run.metrics)]
+        for group in ("fixed_levels", "reductions"):
+            modes += list((run.metrics.get(group) or {}).items())
+        for name, metrics in modes:
+            if metrics.get("prefill_flops_relative") is None:
+                continue
+            if name in points:
+                if _same_point(points[name], metrics):
+                    continue
+                name = f"{name} [{run.path.name}]"
+            points[name] = metrics
+    return points
+
+
+def _same_point(a: dict, b: dict) -> bool:
+    """Same accuracy and prefill FLOPs."""
+    return a["accuracy"] == b["accuracy"] and a["prefill_flops_relative"] == b["prefill_flops_relative"]
 
 
 def routing_rows(runs: list[Run], sweeps: dict) -> list[tuple[str, Run]]:
