@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 import avglab.avg.feedback_cache as fc
+import avglab.avg.feedback_store as store
 from avglab.avg.router import GranularityRouter
 from avglab.core.model import AvgCore
 from avglab.stages.rglf import RglfStage
@@ -122,14 +123,14 @@ def test_cache_is_built_once_then_reused_and_a_foreign_spec_is_refused(routed_co
         return fc.compute_cache(routed_core, iter([batch]), samples=4)
 
     spec = {"version": 1, "what": "test"}
-    first, built = fc.load_or_build(tmp_path, spec, build)
-    again, built_again = fc.load_or_build(tmp_path, spec, build)
+    first, built = store.load_or_build(tmp_path, spec, build)
+    again, built_again = store.load_or_build(tmp_path, spec, build)
     assert (built, built_again, len(calls)) == (True, False, 1)
     assert torch.equal(first.feedback, again.feedback) and torch.equal(first.tiles, again.tiles)
-    stored = fc.cache_folder(tmp_path, spec) / "spec.json"
+    stored = store.cache_folder(tmp_path, spec) / "spec.json"
     stored.write_text(json.dumps({**spec, "what": "edited"}))
     with pytest.raises(ValueError, match="holds another spec"):
-        fc.load_or_build(tmp_path, spec, build)
+        store.load_or_build(tmp_path, spec, build)
 
 
 def test_too_few_samples_is_an_error_naming_the_key(routed_core, batch):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import avglab.avg.feedback_cache as fc
+import avglab.avg.feedback_store as store
 
 
 @pytest.fixture()
@@ -21,9 +22,9 @@ def stored(routed_core, batch, tmp_path):
         return fc.compute_cache(routed_core, iter([batch]), samples=4)
 
     spec = {"version": 1, "samples": 4, "granularities": list(routed_core.scaler.granularities)}
-    first, built = fc.load_or_build(tmp_path, spec, build)
+    first, built = store.load_or_build(tmp_path, spec, build)
     assert built and len(calls) == 1
-    return spec, build, calls, first, fc.cache_folder(tmp_path, spec)
+    return spec, build, calls, first, store.cache_folder(tmp_path, spec)
 
 
 def truncate(folder: Path) -> None:
@@ -56,13 +57,13 @@ def drop_tiles(folder: Path) -> None:
 def test_a_damaged_cache_is_rebuilt_and_says_why(stored, tmp_path, caplog, damage, why):
     spec, build, calls, first, folder = stored
     damage(folder)
-    with caplog.at_level(logging.WARNING, logger="avglab.avg.feedback_cache"):
-        again, built = fc.load_or_build(tmp_path, spec, build)
+    with caplog.at_level(logging.WARNING, logger="avglab.avg.feedback_store"):
+        again, built = store.load_or_build(tmp_path, spec, build)
     assert built and len(calls) == 2
     assert f"feedback cache {folder} is damaged" in caplog.text
     assert re.search(why, caplog.text)
     assert torch.equal(again.feedback, first.feedback) and torch.equal(again.tiles, first.tiles)
-    reused, built = fc.load_or_build(tmp_path, spec, build)  # the rebuilt cache is whole again
+    reused, built = store.load_or_build(tmp_path, spec, build)  # the rebuilt cache is whole again
     assert not built and len(calls) == 2 and torch.equal(reused.tokens, first.tokens)
 
 
@@ -76,4 +77,4 @@ def test_a_damaged_cache_that_cannot_be_cleared_names_the_folder_and_the_fix(sto
     monkeypatch.setattr(Path, "rename", refuse)
     where = re.escape(str(folder))
     with pytest.raises(ValueError, match=rf"feedback cache {where} is damaged .*\(rm -r {where}\)"):
-        fc.load_or_build(tmp_path, spec, build)
+        store.load_or_build(tmp_path, spec, build)

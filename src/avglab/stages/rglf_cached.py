@@ -22,10 +22,10 @@ from avglab.avg.feedback_cache import (
     FeedbackCache,
     cache_spec,
     compute_cache,
-    load_or_build,
     skipped_counts,
     unknown_counts,
 )
+from avglab.avg.feedback_store import load_or_build
 from avglab.core.model import AvgCore
 from avglab.core.selector import RouterInput
 from avglab.stages.rglf import RglfStage
