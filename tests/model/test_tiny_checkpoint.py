@@ -1,5 +1,6 @@
 """The tiny Hugging Face checkpoint and the tiny model: special-token ids come from the word tokenizer."""
 
+import torch
 from transformers import AutoTokenizer, LlavaNextForConditionalGeneration
 
 from avglab.core.builders import tiny_llava
@@ -27,3 +28,25 @@ def test_tiny_model_defaults_are_the_word_tokenizers_ids(tmp_path):
     ids = (text.pad_token_id, text.bos_token_id, text.eos_token_id)
     assert ids == (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_the_llm_init_range_is_a_model_setting(tmp_path):
+    from omegaconf import OmegaConf
+
+    from avglab.training.build import build_llava
+
+    tokenizer = build_word_tokenizer(["what color is it", "red"], tmp_path)
+    model_cfg = OmegaConf.load("conf/model/tiny.yaml")
+    stds = {}
+    for std in (0.02, 0.1):
+        model_cfg.text_init_range = std
+        llava = build_llava(OmegaConf.create({"model": model_cfg, "seed": 0}), tokenizer)
+        lm = llava.model.language_model
+        stds[std] = (
+            lm.layers[0].self_attn.q_proj.weight.std().item(),
+            lm.embed_tokens.weight.std().item(),
+            next(llava.model.vision_tower.parameters()).detach().clone(),
+        )
+    for std, (q, embed, _) in stds.items():
+        assert abs(q / std - 1) < 0.1 and abs(embed / std - 1) < 0.1
+    assert torch.equal(stds[0.02][2], stds[0.1][2])  # the vision tower keeps its own init

@@ -29,6 +29,7 @@ def tiny_llava(
     text_hidden: int = 128,
     text_layers: int = 2,
     text_heads: int = 4,
+    text_init_range: float = 0.02,
     seed: int = 0,
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
@@ -74,6 +75,7 @@ def tiny_llava(
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=text_init_range,
     )
     config = LlavaNextConfig(
         vision_config=vision,

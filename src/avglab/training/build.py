@@ -148,6 +148,7 @@ def build_llava(cfg: DictConfig, tokenizer):
             text_hidden=m.text_hidden,
             text_layers=m.text_layers,
             text_heads=m.get("text_heads", 4),
+            text_init_range=m.get("text_init_range", 0.02),
             seed=cfg.seed,
             attn_implementation=m.get("attn_implementation"),
             gradient_checkpointing=m.get("gradient_checkpointing", False),
