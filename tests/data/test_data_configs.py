@@ -53,3 +53,14 @@ def test_build_datamodule_reads_converted_shards(
     assert dm.val_dataloader() == []
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4 and dm.budget.max_fraction == 0.01
+
+
+def test_the_synth_question_kinds_are_set_from_the_command_line():
+    from avglab.data.synth.config import SynthConfig
+    from avglab.training.build import synth_config
+
+    default = synth_config(compose_config().data)
+    assert default.question_kinds == SynthConfig().question_kinds
+    assert default.digest() == SynthConfig().digest()  # listing the default kinds keeps the default set
+    kinds = "[background_color,shape,shape_color,marker_color]"
+    assert "shape" in synth_config(compose_config(f"data.synth.question_kinds={kinds}").data).question_kinds
