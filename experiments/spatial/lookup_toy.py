@@ -11,7 +11,8 @@ trainable projector (as the tiny model's: Linear-GELU-Linear). Objects fill 2x2 
 - position: "is the red object left or right of the blue object ?" -> left / right
 
 Usage: python lookup_toy.py --task exists --steps 600 [--init 0.1] [--question-first] [--key-last]
-    [--word-cells] [--projector-norm] [--echo 1] [--lr 5e-4] [--layers 2] [--width 128] [--heads 4]
+    [--word-cells] [--word-warmup 600] [--projector-norm] [--echo 1] [--lr 5e-4] [--layers 2]
+    [--width 128] [--heads 4]
 Prints the held-out accuracy every ``--every`` steps and the steps to reach 90%. Results: README.md.
 """
 
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument(
         "--word-cells", action="store_true", help="cells as word embeddings instead of features"
     )
+    parser.add_argument("--word-warmup", type=int, default=0, help="steps on colour-word cells first")
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -186,6 +188,8 @@ def main() -> None:
     test = batches(args.task, 512, 10_000 + args.seed)
     train_rng_seed, reached, start = args.seed, None, time.time()
     for step in range(1, args.steps + 1):
+        if args.word_warmup:  # the first steps read the cells as words, then the projected features
+            model.word_cells = step <= args.word_warmup
         cells, questions, answers = batches(args.task, args.batch, train_rng_seed * 100_000 + step)
         warm = min(1.0, step / 10)
         for group in optim.param_groups:
