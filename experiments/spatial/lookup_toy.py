@@ -29,8 +29,8 @@ COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"]
 WORDS = ["<pad>", "<s>", "user", "assistant", ":", "is", "there", "a", "object", "?", "the", "of"]
 WORDS += ["yes", "no", "left", "right"] + COLOURS
 ID = {w: i for i, w in enumerate(WORDS)}
+ID["or"] = len(ID)  # within the 4 spare ids of the vocabulary (the figures were measured so)
 GRID = 8
-KEY_LAST = False
 
 
 def scene(rng: torch.Generator, n_objects: int) -> tuple[torch.Tensor, dict]:
@@ -136,7 +136,7 @@ class Toy(nn.Module):
         return out.logits[:, -1]
 
 
-def batches(task: str, n: int, seed: int):
+def batches(task: str, n: int, seed: int, key_last: bool = False):
     """Draws n samples as (cells, question ids, answer ids), grouped by question length."""
     rng = torch.Generator().manual_seed(seed)
     out = []
@@ -146,7 +146,7 @@ def batches(task: str, n: int, seed: int):
             out.append(s)
     cells = torch.stack([c for c, _, _ in out])
     questions = torch.tensor([[ID.get(w, 0) for w in q] for _, q, _ in out])
-    if KEY_LAST:
+    if key_last:  # only the asked colour word
         questions = torch.tensor([[ID[w] for w in q if w in COLOURS][:1] for _, q, _ in out])
     answers = torch.tensor([ID[a] for _, _, a in out])
     return cells, questions, answers
@@ -177,20 +177,17 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for w in ("or",):
-        ID.setdefault(w, len(ID))
     torch.manual_seed(args.seed)
-    global KEY_LAST
-    KEY_LAST = args.key_last
     model = Toy(args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    test = batches(args.task, 512, 10_000 + args.seed)
+    test = batches(args.task, 512, 10_000 + args.seed, args.key_last)
     train_rng_seed, reached, start = args.seed, None, time.time()
     for step in range(1, args.steps + 1):
         if args.word_warmup:  # the first steps read the cells as words, then the projected features
             model.word_cells = step <= args.word_warmup
-        cells, questions, answers = batches(args.task, args.batch, train_rng_seed * 100_000 + step)
+        seed = train_rng_seed * 100_000 + step
+        cells, questions, answers = batches(args.task, args.batch, seed, args.key_last)
         warm = min(1.0, step / 10)
         for group in optim.param_groups:
             group["lr"] = args.lr * warm

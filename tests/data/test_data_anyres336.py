@@ -10,8 +10,8 @@ import webdataset as wds
 from PIL import Image
 from transformers import LlavaNextImageProcessor
 
-from avglab.data.datamodule import to_model_sample
 from avglab.data.processor import SampleProcessor, build_image_processor
+from avglab.data.shard_samples import to_model_sample
 from avglab.data.tokenizer import build_word_tokenizer
 
 # preprocessor_config.json of llava-hf/llava-v1.6-vicuna-7b-hf (the checkpoint the paper builds on).

@@ -9,6 +9,7 @@ from stage_config import SMALL_SYNTH, compose_run
 from avglab.cli import CONFIG_DIR
 from avglab.eval.paper_tables import collect, table4
 from avglab.run import run
+from avglab.tools.report import write_report
 
 ROWS = {  # ablation -> (stage output name, router kind, alpha, rank_weight, granularities)
     # RGLF rows take the tiny stage-4 recipe's alpha (0.5; the paper's 0.1 on other models)
@@ -81,3 +82,10 @@ def test_ablation_jobs_train_then_evaluate_and_the_report_reads_them(stage3):
     runs, identity = collect([stage3 / "runs" / "full", stage3 / "runs" / "fixed"])
     assert {r.ablation for r in runs} == {None}  # no .hydra here: rows come from a multirun's choices
     assert identity["base_path"] == base and "| " in table4(runs)
+    # the report on these real evaluations: accuracy against prefill FLOPs of every evaluated mode
+    written = write_report([stage3 / "runs" / "full", stage3 / "runs" / "fixed"], stage3 / "report", False)
+    assert "pareto_prefill_flops.png" in written["figures"]
+    tables = (stage3 / "report" / "tables.md").read_text()
+    flops = tables.split("### Accuracy against prefill FLOPs")[1].split("###")[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[-1][:-2] for line in flops.splitlines()[4:] if line}
+    assert rows["fixed"] == "100.0" and float(rows["eval"]) < 100  # the routed run costs less than the finest

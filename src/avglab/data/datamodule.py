@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import lightning as L
 import torch
 import webdataset as wds
-from PIL import Image
 
 from avglab.data.collate import collate
-from avglab.data.processor import RecordError, SampleProcessor, build_image_processor
+from avglab.data.processor import SampleProcessor, build_image_processor
 from avglab.data.ranks import gather_objects
 from avglab.data.resume import (
     POSITION_KEY,
@@ -42,34 +40,13 @@ from avglab.data.resume import (
     budget_counts,
     restore_counts,
 )
+from avglab.data.shard_samples import split_by_rank, to_model_sample
 from avglab.data.skips import ShardReader, SkipBudget, SkipCounter, attach_skips
 from avglab.data.templates import ChatTemplate
 
 __all__ = ["ShardDataModule", "SkipCounter", "build_image_processor", "split_by_rank", "to_model_sample"]
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
-
-
-def split_by_rank(shards: Iterable, rank: int, world_size: int) -> Iterator:
-    """Every ``world_size``-th shard starting at ``rank`` (an explicit ``split_by_node``)."""
-    yield from islice(shards, rank, None, world_size)
-
-
-def to_model_sample(sample: dict, processor: SampleProcessor) -> dict | None:
-    """A decoded shard sample (``json`` record and optional image) -> processed tensors or None."""
-    if "json" not in sample:
-        raise KeyError(f"shard sample {sample.get('__key__')!r} has no .json record")
-    if not isinstance(sample["json"], dict):
-        raise RecordError("bad_record", f"shard sample {sample.get('__key__')!r}: .json is not an object")
-    record = dict(sample["json"])
-    record.setdefault("id", sample.get("__key__", ""))
-    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if image is not None and not isinstance(image, Image.Image):
-        raise ValueError(
-            f"shard sample {record['id']!r}: image was not decoded to PIL ({type(image).__name__})"
-        )
-    return processor(record, image)
 
 
 class ShardDataModule(L.LightningDataModule):
