@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 from data_llava_helpers import llava_records, write_llava_source
+from torch.utils.data import dataloader as torch_dataloader
 
 from avglab.data.convert import convert
 from avglab.data.processor import SampleProcessor, build_image_processor
@@ -12,6 +15,28 @@ from avglab.data.synth.generator import ensure_synth_shards, synth_vocabulary
 from avglab.data.tokenizer import build_word_tokenizer
 
 PINPOINTS = [[64, 128], [128, 64], [128, 128], [192, 64], [64, 192]]
+
+
+@pytest.fixture(autouse=True)
+def _stop_loader_workers(monkeypatch):
+    """Shuts down, at the end of each test, the DataLoader worker processes it started.
+
+    The loaders keep their workers (persistent ones, or an iterator a test leaves mid-pass) until they are
+    garbage collected; the datamodule's sit in reference cycles, so that happens during some later test,
+    which then waits out torch's 5 s join timeout per worker. An explicit shutdown takes milliseconds.
+    """
+    started = weakref.WeakSet()
+    iterator_class = torch_dataloader._MultiProcessingDataLoaderIter
+    init = iterator_class.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        started.add(self)
+
+    monkeypatch.setattr(iterator_class, "__init__", tracked_init)
+    yield
+    for iterator in list(started):
+        iterator._shutdown_workers()  # a no-op for one already shut down
 
 
 @pytest.fixture(scope="session")
