@@ -10,9 +10,13 @@ trainable projector (as the tiny model's: Linear-GELU-Linear). Objects fill 2x2 
 - half: "is the red object left or right ?" -> left / right (object wholly in one half)
 - position: "is the red object left or right of the blue object ?" -> left / right
 
+With ``--named-key`` the answer says the question's colour word(s) first and the value right after ("red yes",
+"red blue left"; ``--separator ":"`` puts words between); every word is supervised, and held-out accuracy is
+greedy decoding of the whole answer (the value after the model's own copy of the key).
+
 Usage: python lookup_toy.py --task exists --steps 600 [--init 0.1] [--question-first] [--key-last]
-    [--word-cells] [--word-warmup 600] [--projector-norm] [--echo 1] [--lr 5e-4] [--layers 2]
-    [--width 128] [--heads 4]
+    [--named-key [--separator ":"]] [--word-cells] [--word-warmup 600] [--projector-norm] [--echo 1]
+    [--lr 5e-4] [--layers 2] [--width 128] [--heads 4] [--grid 8 --object 2]
 Prints the held-out accuracy every ``--every`` steps and the steps to reach 90%. Results: README.md.
 """
 
@@ -30,7 +34,8 @@ WORDS = ["<pad>", "<s>", "user", "assistant", ":", "is", "there", "a", "object",
 WORDS += ["yes", "no", "left", "right"] + COLOURS
 ID = {w: i for i, w in enumerate(WORDS)}
 ID["or"] = len(ID)  # within the 4 spare ids of the vocabulary (the figures were measured so)
-GRID = 8
+GRID = 8  # cells per side (--grid); objects fill OBJ x OBJ cells (--object)
+OBJ = 2
 
 
 def scene(rng: torch.Generator, n_objects: int) -> tuple[torch.Tensor, dict]:
@@ -40,9 +45,9 @@ def scene(rng: torch.Generator, n_objects: int) -> tuple[torch.Tensor, dict]:
     placed = {}
     for c in colours:
         for _ in range(50):
-            r, k = (int(x) for x in torch.randint(0, GRID - 1, (2,), generator=rng))
-            if (cells[max(r - 1, 0) : r + 3, max(k - 1, 0) : k + 3] == 0).all():
-                cells[r : r + 2, k : k + 2] = c + 1
+            r, k = (int(x) for x in torch.randint(0, GRID - OBJ + 1, (2,), generator=rng))
+            if (cells[max(r - 1, 0) : r + OBJ + 1, max(k - 1, 0) : k + OBJ + 1] == 0).all():
+                cells[r : r + OBJ, k : k + OBJ] = c + 1
                 placed[c] = (r, k)
                 break
     return cells.flatten(), placed
@@ -69,15 +74,15 @@ def sample(rng: torch.Generator, task: str) -> tuple[torch.Tensor, list[str], st
     if task == "half":
         c = names[0]
         col = placed[c][1]
-        if col in (3,):  # straddles the middle
+        if col < GRID / 2 < col + OBJ:  # straddles the middle
             return None
         return (
             cells,
             ["is", "the", COLOURS[c], "object", "left", "or", "right", "?"],
-            ("left" if col < 3 else "right"),
+            ("left" if col < GRID / 2 else "right"),
         )
     a, b = names[0], names[1]
-    if abs(placed[a][1] - placed[b][1]) < 2:
+    if abs(placed[a][1] - placed[b][1]) < OBJ:
         return None
     answer = "left" if placed[a][1] < placed[b][1] else "right"
     words = ["is", "the", COLOURS[a], "object", "left", "or", "right", "of", "the", COLOURS[b], "object", "?"]
@@ -115,8 +120,14 @@ class Toy(nn.Module):
             args.word_cells,
         )
 
-    def forward(self, cells: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
-        """(B, vocab) answer logits for (B, 64) cells and (B, Q) question ids (right-aligned, no padding)."""
+    def forward(
+        self, cells: torch.Tensor, questions: torch.Tensor, said: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, vocab) answer logits for (B, 64) cells and (B, Q) question ids (right-aligned, no padding).
+
+        ``said`` (B, S): words the answer already said after "assistant :" (the named-key answers); with it
+        the logits are (B, S + 1, vocab), one prediction per position from "assistant :" on.
+        """
         onehot = torch.cat(
             [nn.functional.one_hot(cells, 9).float(), torch.eye(GRID * GRID).expand(len(cells), -1, -1)], -1
         )
@@ -130,6 +141,9 @@ class Toy(nn.Module):
             return self.llm(inputs_embeds=torch.cat([head, visual, embed(questions)], 1)).logits[:, -1]
         q = embed(questions)
         parts = [head, q, visual, tail] if self.question_first else [head, visual, q, tail]
+        if said is not None:
+            out = self.llm(inputs_embeds=torch.cat([*parts, embed(said)], 1))
+            return out.logits[:, -said.shape[1] - 1 :]
         out = self.llm(inputs_embeds=torch.cat(parts, 1), output_hidden_states=True)
         # the question's words read back from the answer position after layer 1 (the echo objective)
         self.echo_logits = self.echo(out.hidden_states[1][:, -1])
@@ -152,8 +166,32 @@ def batches(task: str, n: int, seed: int, key_last: bool = False):
     return cells, questions, answers
 
 
+def named_keys(questions: torch.Tensor, separator: str = "") -> torch.Tensor:
+    """(B, K) the question's colour words in order, then ``separator``'s words.
+
+    What a named-key answer says before its answer word.
+    """
+    colour_ids = torch.tensor([ID[c] for c in COLOURS])
+    keys = torch.stack([q[torch.isin(q, colour_ids)] for q in questions])
+    after = torch.tensor([ID[w] for w in separator.split()], dtype=torch.long).expand(len(keys), -1)
+    return torch.cat([keys, after], 1)
+
+
+def named_key_accuracy(model: Toy, cells, questions, answers, separator: str = "") -> tuple[float, float]:
+    """Greedy decoding of "<keys> <answer>": (% answers right, % keys copied right)."""
+    keys = named_keys(questions, separator)
+    said = torch.zeros(len(cells), 0, dtype=torch.long)
+    for _ in range(keys.shape[1]):
+        logits = model(cells, questions, said if said.shape[1] else None)
+        nxt = (logits[:, -1] if said.shape[1] else logits).argmax(-1)
+        said = torch.cat([said, nxt[:, None]], 1)
+    answer = model(cells, questions, said)[:, -1].argmax(-1)
+    return float((answer == answers).float().mean()) * 100, float((said == keys).all(1).float().mean()) * 100
+
+
 def main() -> None:
     """Trains the toy and prints held-out accuracy."""
+    global GRID, OBJ
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="exists", choices=["exists_red", "exists", "half", "position"])
     parser.add_argument("--steps", type=int, default=600)
@@ -174,9 +212,16 @@ def main() -> None:
         "--word-cells", action="store_true", help="cells as word embeddings instead of features"
     )
     parser.add_argument("--word-warmup", type=int, default=0, help="steps on colour-word cells first")
+    parser.add_argument(
+        "--named-key", action="store_true", help='answers say the asked colour(s) first: "red yes"'
+    )
+    parser.add_argument("--separator", default="", help='words between the keys and the answer, e.g. ":"')
+    parser.add_argument("--grid", type=int, default=GRID, help="cells per side (visual tokens = grid^2)")
+    parser.add_argument("--object", type=int, default=OBJ, help="an object's side in cells")
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    GRID, OBJ = args.grid, args.object
     torch.manual_seed(args.seed)
     model = Toy(args)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -191,7 +236,13 @@ def main() -> None:
         warm = min(1.0, step / 10)
         for group in optim.param_groups:
             group["lr"] = args.lr * warm
-        loss = nn.functional.cross_entropy(model(cells, questions), answers)
+        if args.named_key:  # teacher-forced "<keys> <answer>", every word of it supervised
+            keys = named_keys(questions, args.separator)
+            logits = model(cells, questions, keys)
+            targets = torch.cat([keys, answers[:, None]], 1)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        else:
+            loss = nn.functional.cross_entropy(model(cells, questions), answers)
         if args.echo:
             words = torch.zeros_like(model.echo_logits).scatter(1, questions, 1.0)
             echo = nn.functional.binary_cross_entropy_with_logits(model.echo_logits, words, reduction="sum")
@@ -200,12 +251,18 @@ def main() -> None:
         loss.backward()
         optim.step()
         if step % args.every == 0 or step == args.steps:
+            copied = ""
             with torch.no_grad():
-                acc = float((model(test[0], test[1]).argmax(-1) == test[2]).float().mean()) * 100
+                if args.named_key:
+                    acc, keys_right = named_key_accuracy(model, *test, args.separator)
+                    copied = f" keys copied {keys_right:5.1f}"
+                else:
+                    acc = float((model(test[0], test[1]).argmax(-1) == test[2]).float().mean()) * 100
             if reached is None and acc >= 90:
                 reached = step
             took = time.time() - start
-            print(f"step {step:5d} loss {loss.item():.3f} test acc {acc:5.1f}  ({took:.0f} s)", flush=True)
+            line = f"step {step:5d} loss {loss.item():.3f} test acc {acc:5.1f}{copied}  ({took:.0f} s)"
+            print(line, flush=True)
     print(f"steps to 90%: {reached}")
 
 

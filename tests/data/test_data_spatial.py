@@ -28,30 +28,48 @@ def scenes(n: int, cfg: SpatialConfig | None = None):
 
 def test_answers_are_balanced_and_true_to_the_scene():
     drawn = scenes(600)
-    by_kind = {kind: Counter(s.questions[kind][1] for s in drawn) for kind in spatial.KINDS}
-    assert set(by_kind["shape"]) == set(SHAPES) and min(by_kind["shape"].values()) > 600 / 4 * 0.7
-    assert set(by_kind["count"]) == set(COUNT_WORDS) and min(by_kind["count"].values()) > 600 / 3 * 0.7
-    assert set(by_kind["position"]) == {"left", "right", "above", "below"}
-    assert by_kind["position"]["left"] + by_kind["position"]["right"] > 600 * 0.3
-    assert by_kind["position"]["above"] + by_kind["position"]["below"] > 600 * 0.3
+    value = {kind: Counter(s.questions[kind][1].split()[-1] for s in drawn) for kind in spatial.KINDS}
+    assert set(value["shape"]) == set(SHAPES) and min(value["shape"].values()) > 600 / 4 * 0.7
+    assert set(value["count"]) == set(COUNT_WORDS) and min(value["count"].values()) > 600 / 3 * 0.7
+    assert set(value["position"]) == {"left", "right", "above", "below"}
+    assert value["position"]["left"] + value["position"]["right"] > 600 * 0.3
+    assert value["position"]["above"] + value["position"]["below"] > 600 * 0.3
     for scene in drawn:
         things = {t.color: t for t in scene.things}
         assert len(things) == len(scene.things)  # one colour per object: a colour names one object
         question, answer = scene.questions["shape"]
-        assert things[question.split()[4]].shape == answer
+        assert answer.split() == [question.split()[4], things[question.split()[4]].shape]
         question, answer = scene.questions["count"]
         counted = next(s for s in SHAPES if spatial.PLURALS[s] == question.split()[2])
-        assert COUNT_WORDS[sum(t.shape == counted for t in scene.things) - 1] == answer
+        assert answer.split() == [
+            question.split()[2],
+            COUNT_WORDS[sum(t.shape == counted for t in scene.things) - 1],
+        ]
         words = scene.questions["position"][0].split()
         a, b = things[words[2]].center, things[words[-2]].center
         axis = 0 if "left" in words else 1
         expected = ("left", "right") if axis == 0 else ("above", "below")
         assert abs(a[axis] - b[axis]) >= SpatialConfig().min_separation * min(scene.height, scene.width) / 128
-        assert scene.questions["position"][1] == expected[0 if a[axis] < b[axis] else 1]
+        said = [words[2], words[-2], expected[0 if a[axis] < b[axis] else 1]]
+        assert scene.questions["position"][1].split() == said
 
 
-def test_objects_span_several_patches_apart_and_are_drawn():
-    for scene in scenes(50):
+def test_named_answers_put_the_question_key_right_before_the_value_and_bare_ones_are_the_value():
+    """Named: the value's input position holds the question's (last) key word; bare: the value alone."""
+    for named, bare in zip(scenes(40), scenes(40, SpatialConfig(answer_style="bare")), strict=True):
+        for kind in spatial.KINDS:
+            (question, answer), (bare_question, bare_answer) = named.questions[kind], bare.questions[kind]
+            assert question == bare_question and answer.split()[-1] == bare_answer == bare_answer.split()[0]
+            key = answer.split()[-2]
+            assert key in question.split() and key in set(spatial.COLORS) | set(spatial.PLURALS.values())
+    with pytest.raises(ValueError, match="answer_style must be one of"):
+        SpatialConfig(answer_style="long")
+
+
+@pytest.mark.parametrize("layout", sorted(spatial.LAYOUTS))
+def test_objects_span_several_patches_apart_and_are_drawn(layout):
+    for scene in scenes(50, SpatialConfig(**spatial.LAYOUTS[layout])):
+        assert (scene.height, scene.width) in spatial.LAYOUTS[layout]["image_sizes"]
         image = np.asarray(draw_scene(scene))
         assert image.shape[:2] == (scene.height, scene.width)
         boxes = [t.box for t in scene.things]
@@ -74,14 +92,21 @@ def test_written_files_are_llava_records_and_convert(written):
         assert turns[0]["value"].startswith("<image>\n") and "<image>" not in "".join(
             t["value"] for t in turns[1:]
         )
-        assert Image.open(written / "images" / record["image"]).size in {
-            (w, h) for h, w in spatial.IMAGE_SIZES
-        }
+        assert Image.open(written / "images" / record["image"]).size == (64, 64)  # the laptop layout
     assert Counter(r["question_type"] for r in test) == {"shape": 3, "count": 3, "position": 3}
     for split, n in {"train": 12, "val": 3, "test": 9}.items():
         manifest = json.loads((written / "shards" / f"{split}.manifest.json").read_text())
         assert manifest["samples"] == n and manifest["skipped_total"] == 0
     assert len(list((written / "shards").glob("train-*.tar"))) == 3
+
+
+def test_more_questions_per_kind_ask_about_other_objects_and_keep_the_test_split(written, tmp_path):
+    spatial.main([str(tmp_path), "--train", "12", "--val", "3", "--test", "9", "--questions-per-kind", "2"])
+    for record in json.loads((tmp_path / "train.json").read_text()):
+        questions = [t["value"].removeprefix("<image>\n") for t in record["conversations"][::2]]
+        assert len(questions) == len(set(questions)) >= 4  # count once, shape and position up to twice
+        assert sum(q.startswith("what shape") for q in questions) == 2  # every scene has >= 2 objects
+    assert (tmp_path / "test.json").read_bytes() == (written / "test.json").read_bytes()
 
 
 def test_same_seed_same_set(written, tmp_path):

@@ -12,7 +12,8 @@ need more than one patch's colour:
 
 Answers are balanced within each kind (the shape and the count are drawn first, the scene is built
 around them), so no answer is right more often than chance without looking. Training records are
-dialogues of one question of each kind in random order (one vision pass, three answers); the
+dialogues of one question of each kind in random order (one vision pass, three answers; with
+``questions_per_kind`` N, up to N shape and position questions about other objects and pairs); the
 validation and test records ask one question each and name its kind (``question_type``), so
 ``stage=eval`` splits accuracy by kind.
 
@@ -50,7 +51,28 @@ COLORS = {  # far apart in RGB; none near the light backgrounds or AnyRes' black
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (190, 190, 190)}
 COUNT_WORDS = ("one", "two", "three")
 KINDS = ("shape", "count", "position")
-IMAGE_SIZES = ((128, 128), (112, 128), (128, 112))  # (height, width): 4 local 64-px tiles + the global view
+ANSWER_STYLES = ("named", "bare")
+# Image and object sizes. "laptop": a 64-px image is the tiny model's global view plus one local tile (136
+# visual tokens at the finest level), objects 18-24 px (2-3 of its 8-px patches); "anyres": 128-px images in
+# 4 local tiles (316-336 tokens), objects 20-32 px. Sizes are pixels at the largest short side listed.
+LAYOUTS = {
+    "laptop": {
+        "image_sizes": [(64, 64)],
+        "min_size": 18,
+        "max_size": 24,
+        "max_objects": 4,
+        "gap": 2,
+        "min_separation": 12,
+    },
+    "anyres": {
+        "image_sizes": [(128, 128), (112, 128), (128, 112)],
+        "min_size": 20,
+        "max_size": 32,
+        "max_objects": 5,
+        "gap": 4,
+        "min_separation": 24,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -70,7 +92,9 @@ class Thing:
 
 @dataclass
 class SpatialConfig:
-    """Generator settings. Sizes are in pixels of a 128-px image and scale with the short side.
+    """Generator settings (defaults: the "laptop" layout of ``LAYOUTS``).
+
+    Sizes are pixels of an image whose short side is the largest of ``image_sizes``; smaller ones scale them.
 
     Attributes:
         seed: base seed; image i of a split has its own RNG.
@@ -81,20 +105,27 @@ class SpatialConfig:
         min_separation: the least distance of the two centres along the asked axis (position).
         kinds: question kinds asked (training dialogues ask each once, in random order).
         image_sizes: (height, width) choices.
+        answer_style: ``named`` answers say what they are about, then the value, with the value right after
+            the question's key word(s): "red circle", "circles three", "red blue left"; ``bare`` answers are
+            the value alone ("circle"). A tiny LLM from random init learns the named form in a few hundred
+            steps and the bare one not in thousands (experiments/spatial/README.md): with the key word at the
+            position the value is read at, no circuit has to fetch it from the question.
     """
 
     seed: int = 0
     n_train: int = 4000
     n_val: int = 200
     n_test: int = 600
-    min_size: int = 20
-    max_size: int = 32
+    min_size: int = 18
+    max_size: int = 24
     min_objects: int = 2
-    max_objects: int = 5
-    gap: int = 4
-    min_separation: int = 24
+    max_objects: int = 4
+    gap: int = 2
+    min_separation: int = 12
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
-    image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [tuple(s) for s in IMAGE_SIZES])
+    image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])
+    answer_style: str = "named"
+    questions_per_kind: int = 1
 
     def __post_init__(self):
         self.image_sizes = [tuple(int(x) for x in s) for s in self.image_sizes]
@@ -105,6 +136,10 @@ class SpatialConfig:
             problems.append("need 1 <= min_size <= max_size")
         if not 2 <= self.min_objects <= self.max_objects <= len(COLORS):
             problems.append(f"need 2 <= min_objects <= max_objects <= {len(COLORS)} (one colour each)")
+        if self.questions_per_kind < 1:
+            problems.append("questions_per_kind must be >= 1")
+        if self.answer_style not in ANSWER_STYLES:
+            problems.append(f"answer_style must be one of {ANSWER_STYLES}, got {self.answer_style!r}")
         if min(self.n_train, self.n_val, self.n_test) < 0:
             problems.append("n_train/n_val/n_test must be >= 0")
         if problems:
@@ -120,6 +155,7 @@ class SpatialScene:
     background: str
     things: list[Thing]
     questions: dict[str, tuple[str, str]]  # kind -> (question, answer)
+    more: list[tuple[str, str, str]] = field(default_factory=list)  # training only: (kind, question, answer)
 
 
 def _place(rng: random.Random, height: int, width: int, sizes: list[int], gap: int) -> list[tuple] | None:
@@ -140,34 +176,43 @@ def _place(rng: random.Random, height: int, width: int, sizes: list[int], gap: i
     return boxes
 
 
-def _position_question(rng: random.Random, things: list[Thing], min_sep: float) -> tuple[str, str] | None:
-    """A left/right or above/below question about two objects far enough apart on that axis."""
+def _position_questions(
+    rng: random.Random, things: list[Thing], min_sep: float, named: bool
+) -> list[tuple[str, str]]:
+    """Left/right or above/below questions about pairs far enough apart on that axis.
+
+    The first question is the scene's (the axis drawn first, then any pair); the others (other pairs, then the
+    other axis) are the extra training questions of ``questions_per_kind``.
+    """
     pairs = [(a, b) for a in things for b in things if a is not b]
     rng.shuffle(pairs)
     axes = ["x", "y"]
     rng.shuffle(axes)
+    found = []
     for axis in axes:
         for a, b in pairs:
             d = a.center[0] - b.center[0] if axis == "x" else a.center[1] - b.center[1]
             if abs(d) < min_sep:
                 continue
+            subject = f"{a.color} {b.color} " if named else ""
             if axis == "x":
-                return (
-                    f"is the {a.color} object left or right of the {b.color} object?",
-                    "left" if d < 0 else "right",
-                )
-            return (
-                f"is the {a.color} object above or below the {b.color} object?",
-                "above" if d < 0 else "below",
-            )
-    return None
+                question = f"is the {a.color} object left or right of the {b.color} object?"
+                found.append((question, subject + ("left" if d < 0 else "right")))
+            else:
+                question = f"is the {a.color} object above or below the {b.color} object?"
+                found.append((question, subject + ("above" if d < 0 else "below")))
+    return found
+
+
+def _shape_question(thing: Thing, named: bool) -> tuple[str, str]:
+    return f"what shape is the {thing.color} object?", f"{thing.color} " * named + thing.shape
 
 
 def sample_scene(rng: random.Random, cfg: SpatialConfig) -> SpatialScene:
     """Draws one scene: a counted shape (1-3 of it), distractors of other shapes, the three questions."""
     for _ in range(1000):
         height, width = rng.choice(cfg.image_sizes)
-        scale = min(height, width) / 128
+        scale = min(height, width) / max(min(size) for size in cfg.image_sizes)
         counted = rng.choice(SHAPES)
         count = rng.randint(1, len(COUNT_WORDS))
         total = rng.randint(max(cfg.min_objects, count + 1), max(cfg.max_objects, count + 1))
@@ -180,16 +225,24 @@ def sample_scene(rng: random.Random, cfg: SpatialConfig) -> SpatialScene:
             continue
         colors = rng.sample(sorted(COLORS), total)
         things = [Thing(s, c, b) for s, c, b in zip(shapes, colors, boxes, strict=True)]
-        position = _position_question(rng, things, cfg.min_separation * scale)
-        if position is None:
+        named = cfg.answer_style == "named"
+        positions = _position_questions(rng, things, cfg.min_separation * scale, named)
+        if not positions:
             continue
         asked = rng.choice(things)  # symmetric in the shapes, so shape answers are balanced
+
         questions = {
-            "shape": (f"what shape is the {asked.color} object?", asked.shape),
-            "count": (f"how many {PLURALS[counted]} are there?", COUNT_WORDS[count - 1]),
-            "position": position,
+            "shape": _shape_question(asked, named),
+            "count": (
+                f"how many {PLURALS[counted]} are there?",
+                f"{PLURALS[counted]} " * named + COUNT_WORDS[count - 1],
+            ),
+            "position": positions[0],
         }
-        return SpatialScene(height, width, rng.choice(sorted(BACKGROUNDS)), things, questions)
+        extra = cfg.questions_per_kind - 1  # more questions about other objects and pairs (no RNG drawn)
+        more = [("shape", *_shape_question(t, named)) for t in things if t is not asked][:extra]
+        more += [("position", *q) for q in positions[1:]][:extra]
+        return SpatialScene(height, width, rng.choice(sorted(BACKGROUNDS)), things, questions, more)
     raise RuntimeError("no scene fits: lower max_objects, max_size or min_separation, or use larger images")
 
 
@@ -234,11 +287,11 @@ def write_split(cfg: SpatialConfig, split: str, count: int, out: Path) -> Path:
         draw_scene(scene).save(out / "images" / name)
         rid = f"spatial-{split}-{index:06d}"
         if split == "train":
-            kinds = list(cfg.kinds)
-            rng.shuffle(kinds)
+            asked = [(kind, *scene.questions[kind]) for kind in cfg.kinds]
+            asked += [q for q in scene.more if q[0] in cfg.kinds]
+            rng.shuffle(asked)
             turns = []
-            for k, kind in enumerate(kinds):
-                question, answer = scene.questions[kind]
+            for k, (_, question, answer) in enumerate(asked):
                 turns += [
                     {"from": "human", "value": f"<image>\n{question}" if k == 0 else question},
                     {"from": "gpt", "value": answer},
@@ -296,12 +349,26 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     p.add_argument("--val", type=int, default=SpatialConfig.n_val, help="validation questions")
     p.add_argument("--test", type=int, default=SpatialConfig.n_test, help="test questions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="laptop", help="image and object sizes")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    p.add_argument(
+        "--answers", choices=ANSWER_STYLES, default="named", help='"red circle" (named) or "circle" (bare)'
+    )
+    p.add_argument(
+        "--questions-per-kind", type=int, default=1, help="training: up to N shape and position questions"
+    )
     p.add_argument("--convert", action="store_true", help="also convert into <out>/shards (train, val, test)")
     p.add_argument("--shard-samples", type=int, default=500, help="samples per shard when converting")
     args = p.parse_args(argv)
     cfg = SpatialConfig(
-        seed=args.seed, n_train=args.train, n_val=args.val, n_test=args.test, kinds=args.kinds.split(",")
+        seed=args.seed,
+        n_train=args.train,
+        n_val=args.val,
+        n_test=args.test,
+        kinds=args.kinds.split(","),
+        answer_style=args.answers,
+        questions_per_kind=args.questions_per_kind,
+        **LAYOUTS[args.layout],
     )
     paths = write_spatial(args.out, cfg)
     print(
