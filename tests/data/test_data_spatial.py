@@ -88,7 +88,7 @@ def test_written_files_are_llava_records_and_convert(written):
     assert len(train) == 12 and len(test) == 9
     for record in train:
         turns = record["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * 3
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(turns[::2]) and 4 <= len(turns[::2]) <= 5
         assert turns[0]["value"].startswith("<image>\n") and "<image>" not in "".join(
             t["value"] for t in turns[1:]
         )
@@ -100,12 +100,15 @@ def test_written_files_are_llava_records_and_convert(written):
     assert len(list((written / "shards").glob("train-*.tar"))) == 3
 
 
-def test_more_questions_per_kind_ask_about_other_objects_and_keep_the_test_split(written, tmp_path):
-    spatial.main([str(tmp_path), "--train", "12", "--val", "3", "--test", "9", "--questions-per-kind", "2"])
-    for record in json.loads((tmp_path / "train.json").read_text()):
-        questions = [t["value"].removeprefix("<image>\n") for t in record["conversations"][::2]]
-        assert len(questions) == len(set(questions)) >= 4  # count once, shape and position up to twice
-        assert sum(q.startswith("what shape") for q in questions) == 2  # every scene has >= 2 objects
+def test_questions_per_kind_ask_about_other_objects_and_keep_the_test_split(written, tmp_path):
+    spatial.main([str(tmp_path), "--train", "12", "--val", "3", "--test", "9", "--questions-per-kind", "1"])
+    for one, two in zip(
+        *(json.loads((d / "train.json").read_text()) for d in (tmp_path, written)), strict=True
+    ):
+        asked = [[t["value"].removeprefix("<image>\n") for t in r["conversations"][::2]] for r in (one, two)]
+        assert len(asked[0]) == 3 and len(asked[1]) == len(set(asked[1])) >= 4  # the default asks 2 per kind
+        assert sum(q.startswith("what shape") for q in asked[1]) == 2  # every scene has >= 2 objects
+        assert set(asked[0]) < set(asked[1])
     assert (tmp_path / "test.json").read_bytes() == (written / "test.json").read_bytes()
 
 

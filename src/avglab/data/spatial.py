@@ -12,8 +12,8 @@ need more than one patch's colour:
 
 Answers are balanced within each kind (the shape and the count are drawn first, the scene is built
 around them), so no answer is right more often than chance without looking. Training records are
-dialogues of one question of each kind in random order (one vision pass, three answers; with
-``questions_per_kind`` N, up to N shape and position questions about other objects and pairs); the
+dialogues asking every kind in random order (one vision pass; up to ``questions_per_kind``, by default
+2, shape and position questions about distinct objects and pairs, one count question); the
 validation and test records ask one question each and name its kind (``question_type``), so
 ``stage=eval`` splits accuracy by kind.
 
@@ -103,7 +103,9 @@ class SpatialConfig:
         min_objects, max_objects: objects per image (the counted shape 1-3 times, the rest distractors).
         gap: free pixels between two objects' boxes.
         min_separation: the least distance of the two centres along the asked axis (position).
-        kinds: question kinds asked (training dialogues ask each once, in random order).
+        kinds: question kinds asked (training dialogues ask each, in random order).
+        questions_per_kind: shape and position questions per training dialogue, about distinct objects and
+            pairs where the scene has them (count is asked once); more answers per vision pass.
         image_sizes: (height, width) choices.
         answer_style: ``named`` answers say what they are about, then the value, with the value right after
             the question's key word(s): "red circle", "circles three", "red blue left"; ``bare`` answers are
@@ -125,7 +127,7 @@ class SpatialConfig:
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
     image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])
     answer_style: str = "named"
-    questions_per_kind: int = 1
+    questions_per_kind: int = 2
 
     def __post_init__(self):
         self.image_sizes = [tuple(int(x) for x in s) for s in self.image_sizes]
@@ -355,7 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         "--answers", choices=ANSWER_STYLES, default="named", help='"red circle" (named) or "circle" (bare)'
     )
     p.add_argument(
-        "--questions-per-kind", type=int, default=1, help="training: up to N shape and position questions"
+        "--questions-per-kind",
+        type=int,
+        default=SpatialConfig.questions_per_kind,
+        help="training: up to N shape and position questions about distinct objects and pairs",
     )
     p.add_argument("--convert", action="store_true", help="also convert into <out>/shards (train, val, test)")
     p.add_argument("--shard-samples", type=int, default=500, help="samples per shard when converting")

@@ -1,0 +1,70 @@
+"""``model=tiny_spatial``: the tiny model set up for the spatial set, and the walk-through it is used in."""
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from stage_config import compose_stage
+
+from avglab.cli import CONFIG_DIR
+from avglab.data import spatial
+from avglab.run import run
+
+STAGES = sorted(p.stem for p in (Path(CONFIG_DIR) / "stage").glob("*.yaml"))
+OWN = {"model": {"name", "text_init_range"}, "pretrain": {"batch_size", "max_steps", "val_every"}}
+
+
+def composed(tmp_path: Path, stage: str, model: str) -> dict:
+    cfg = OmegaConf.to_container(
+        compose_stage(tmp_path, stage, f"model={model}", "data=spatial"), resolve=False
+    )
+    for key in OWN["model"]:
+        cfg["model"].pop(key)
+    if stage == "pretrain":
+        for key in OWN["pretrain"]:
+            cfg["stage"].pop(key)
+    return cfg
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_tiny_spatial_is_the_tiny_model_and_recipes_but_its_init_and_stage_1_length(tmp_path, stage):
+    """A stage without a tiny_spatial recipe would fall back to the paper's settings and differ here."""
+    assert composed(tmp_path, stage, "tiny_spatial") == composed(tmp_path, stage, "tiny")
+    cfg = compose_stage(tmp_path, stage, "model=tiny_spatial")
+    assert cfg.model.name == "tiny_spatial" and cfg.model.text_init_range == 0.1
+    if stage == "pretrain":
+        assert cfg.stage.max_steps > compose_stage(tmp_path, stage, "model=tiny").stage.max_steps
+
+
+def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
+    """The README's commands: generate and convert the set, stage 1 with the preset, evaluation by kind."""
+    out = tmp_path / "spatial"
+    spatial.main(
+        [str(out), "--train", "8", "--val", "2", "--test", "6", "--questions-per-kind", "2", "--convert"]
+    )
+    common = ["model=tiny_spatial", "data=spatial", f"data.root={out}/shards", "data.batch_size=4"]
+    pretrain = run(
+        compose_stage(
+            tmp_path, "pretrain", *common, "stage.max_steps=2", "stage.val_every=2", "stage.batch_size=4"
+        )
+    )
+    assert pretrain["val/loss"] > 0
+    scored = run(
+        compose_stage(
+            tmp_path,
+            "eval",
+            *common,
+            "stage.previous=pretrain",
+            "router=none",
+            "stage.compare_fixed=false",
+            "stage.latency_samples=0",
+            "data.eval_batch_size=4",
+            "stage.max_new_tokens=4",
+        )
+    )
+    assert scored["samples"] == 6 and set(scored["accuracy_by_type"]) == set(spatial.KINDS)
+    predictions = [json.loads(line) for line in next(tmp_path.glob("runs/eval/predictions.jsonl")).open()]
+    assert len(predictions) == 6 and all(
+        len(p["answers"][0].split()) >= 2 for p in predictions
+    )  # named answers
