@@ -1,7 +1,7 @@
 """What the vision tower's output tokens know: linear probes per patch token, on the spatial set.
 
 For a stage output (or a fresh model: ``--fresh``), runs the vision tower on the local tiles of 128x128
-images of the spatial set (``python -m avglab.data.spatial``; at that size AnyRes cuts 4 tiles at scale 1,
+images of the spatial set (``python -m avglab.data.spatial --layout anyres``; AnyRes cuts 4 tiles at scale 1,
 so every patch is an 8x8 pixel square of the image) and fits a linear classifier on the tokens LLaVA-NeXT
 feeds the projector (``vision_feature_layer``, CLS dropped) for these labels:
 
