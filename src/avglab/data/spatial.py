@@ -1,14 +1,15 @@
 r"""``python -m avglab.data.spatial``: a generated VQA set about where things are, in LLaVA format.
 
-Every image holds 2-5 objects (circle, square, triangle, cross) of distinct colours on a light
-background, each 2.5-4 patches wide in the tiny model's local tiles, placed apart. The questions
-need more than one patch's colour:
+Every image holds 2-4 objects (circle, square, triangle, cross) of distinct colours on a light
+background, each 2-3 patches wide in the tiny model's 64-px local tile (``--layout anyres``: 2-5
+objects, 2.5-4 patches wide, in 128-px images cut into 4 tiles), placed apart. The questions need more
+than one patch's colour; answers name their subject, then the value (``--answers bare``: the value):
 
-- ``shape``: "what shape is the red object?" (circle / square / triangle / cross),
-- ``count``: "how many circles are there?" (one / two / three; the other objects are distractors of
-  other shapes),
+- ``shape``: "what shape is the red object?" -> "red circle" (circle / square / triangle / cross),
+- ``count``: "how many circles are there?" -> "circles two" (one / two / three; the other objects are
+  distractors of other shapes),
 - ``position``: "is the red object left or right of the blue object?" or "... above or below ..."
-  (left / right / above / below; the two centres at least one object apart on that axis).
+  -> "red blue left" (left / right / above / below; the centres ``min_separation`` px apart on that axis).
 
 Answers are balanced within each kind (the shape and the count are drawn first, the scene is built
 around them), so no answer is right more often than chance without looking. Training records are
@@ -109,9 +110,10 @@ class SpatialConfig:
         image_sizes: (height, width) choices.
         answer_style: ``named`` answers say what they are about, then the value, with the value right after
             the question's key word(s): "red circle", "circles three", "red blue left"; ``bare`` answers are
-            the value alone ("circle"). A tiny LLM from random init learns the named form in a few hundred
-            steps and the bare one not in thousands (experiments/spatial/README.md): with the key word at the
-            position the value is read at, no circuit has to fetch it from the question.
+            the value alone ("circle"). With the key word at the position the value is read at, no circuit
+            has to fetch it from the question: a toy of the tiny LLM learns the named form in hundreds of
+            steps and the bare one not in thousands; on ``model=tiny_spatial`` it is what makes the
+            two-object position question learnable (experiments/spatial/README.md).
     """
 
     seed: int = 0
