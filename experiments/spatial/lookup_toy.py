@@ -34,28 +34,30 @@ WORDS = ["<pad>", "<s>", "user", "assistant", ":", "is", "there", "a", "object",
 WORDS += ["yes", "no", "left", "right"] + COLOURS
 ID = {w: i for i, w in enumerate(WORDS)}
 ID["or"] = len(ID)  # within the 4 spare ids of the vocabulary (the figures were measured so)
-GRID = 8  # cells per side (--grid); objects fill OBJ x OBJ cells (--object)
+GRID = 8  # default cells per side (--grid); objects fill OBJ x OBJ cells (--object)
 OBJ = 2
 
 
-def scene(rng: torch.Generator, n_objects: int) -> tuple[torch.Tensor, dict]:
+def scene(rng: torch.Generator, n_objects: int, grid: int, obj: int) -> tuple[torch.Tensor, dict]:
     """(64,) colour index per cell (0 = background) and {colour: (row, col) of the object's corner}."""
-    cells = torch.zeros(GRID, GRID, dtype=torch.long)
+    cells = torch.zeros(grid, grid, dtype=torch.long)
     colours = torch.randperm(len(COLOURS), generator=rng)[:n_objects].tolist()
     placed = {}
     for c in colours:
         for _ in range(50):
-            r, k = (int(x) for x in torch.randint(0, GRID - OBJ + 1, (2,), generator=rng))
-            if (cells[max(r - 1, 0) : r + OBJ + 1, max(k - 1, 0) : k + OBJ + 1] == 0).all():
-                cells[r : r + OBJ, k : k + OBJ] = c + 1
+            r, k = (int(x) for x in torch.randint(0, grid - obj + 1, (2,), generator=rng))
+            if (cells[max(r - 1, 0) : r + obj + 1, max(k - 1, 0) : k + obj + 1] == 0).all():
+                cells[r : r + obj, k : k + obj] = c + 1
                 placed[c] = (r, k)
                 break
     return cells.flatten(), placed
 
 
-def sample(rng: torch.Generator, task: str) -> tuple[torch.Tensor, list[str], str] | None:
+def sample(
+    rng: torch.Generator, task: str, grid: int = GRID, obj: int = OBJ
+) -> tuple[torch.Tensor, list[str], str] | None:
     """One (cells, question words, answer) or None when the scene does not fit the task."""
-    cells, placed = scene(rng, int(torch.randint(2, 5, (1,), generator=rng)))
+    cells, placed = scene(rng, int(torch.randint(2, 5, (1,), generator=rng)), grid, obj)
     names = list(placed)
     if len(names) < 2:
         return None
@@ -74,15 +76,15 @@ def sample(rng: torch.Generator, task: str) -> tuple[torch.Tensor, list[str], st
     if task == "half":
         c = names[0]
         col = placed[c][1]
-        if col < GRID / 2 < col + OBJ:  # straddles the middle
+        if col < grid / 2 < col + obj:  # straddles the middle
             return None
         return (
             cells,
             ["is", "the", COLOURS[c], "object", "left", "or", "right", "?"],
-            ("left" if col < GRID / 2 else "right"),
+            ("left" if col < grid / 2 else "right"),
         )
     a, b = names[0], names[1]
-    if abs(placed[a][1] - placed[b][1]) < OBJ:
+    if abs(placed[a][1] - placed[b][1]) < obj:
         return None
     answer = "left" if placed[a][1] < placed[b][1] else "right"
     words = ["is", "the", COLOURS[a], "object", "left", "or", "right", "of", "the", COLOURS[b], "object", "?"]
@@ -95,7 +97,8 @@ class Toy(nn.Module):
     def __init__(self, args):
         super().__init__()
         g = torch.Generator().manual_seed(args.seed)
-        self.tower = nn.Parameter(torch.randn(9 + GRID * GRID, 64, generator=g) / 4, requires_grad=False)
+        self.grid = args.grid
+        self.tower = nn.Parameter(torch.randn(9 + self.grid**2, 64, generator=g) / 4, requires_grad=False)
         self.offset = nn.Parameter(torch.randn(64, generator=g) * args.offset, requires_grad=False)
         width = args.width
         self.projector = nn.Sequential(nn.Linear(64, width), nn.GELU(), nn.Linear(width, width))
@@ -129,7 +132,7 @@ class Toy(nn.Module):
         the logits are (B, S + 1, vocab), one prediction per position from "assistant :" on.
         """
         onehot = torch.cat(
-            [nn.functional.one_hot(cells, 9).float(), torch.eye(GRID * GRID).expand(len(cells), -1, -1)], -1
+            [nn.functional.one_hot(cells, 9).float(), torch.eye(self.grid**2).expand(len(cells), -1, -1)], -1
         )
         visual = self.norm(self.projector(onehot @ self.tower + self.offset))  # (B, 64, width)
         embed = self.llm.get_input_embeddings()
@@ -150,12 +153,12 @@ class Toy(nn.Module):
         return out.logits[:, -1]
 
 
-def batches(task: str, n: int, seed: int, key_last: bool = False):
+def batches(task: str, n: int, seed: int, key_last: bool = False, grid: int = GRID, obj: int = OBJ):
     """Draws n samples as (cells, question ids, answer ids), grouped by question length."""
     rng = torch.Generator().manual_seed(seed)
     out = []
     while len(out) < n:
-        s = sample(rng, task)
+        s = sample(rng, task, grid, obj)
         if s is not None:
             out.append(s)
     cells = torch.stack([c for c, _, _ in out])
@@ -191,7 +194,6 @@ def named_key_accuracy(model: Toy, cells, questions, answers, separator: str = "
 
 def main() -> None:
     """Trains the toy and prints held-out accuracy."""
-    global GRID, OBJ
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="exists", choices=["exists_red", "exists", "half", "position"])
     parser.add_argument("--steps", type=int, default=600)
@@ -221,18 +223,19 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    GRID, OBJ = args.grid, args.object
     torch.manual_seed(args.seed)
     model = Toy(args)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    test = batches(args.task, 512, 10_000 + args.seed, args.key_last)
+    test = batches(args.task, 512, 10_000 + args.seed, args.key_last, args.grid, args.object)
     train_rng_seed, reached, start = args.seed, None, time.time()
     for step in range(1, args.steps + 1):
         if args.word_warmup:  # the first steps read the cells as words, then the projected features
             model.word_cells = step <= args.word_warmup
         seed = train_rng_seed * 100_000 + step
-        cells, questions, answers = batches(args.task, args.batch, seed, args.key_last)
+        cells, questions, answers = batches(
+            args.task, args.batch, seed, args.key_last, args.grid, args.object
+        )
         warm = min(1.0, step / 10)
         for group in optim.param_groups:
             group["lr"] = args.lr * warm

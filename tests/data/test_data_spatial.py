@@ -49,7 +49,9 @@ def test_answers_are_balanced_and_true_to_the_scene():
         a, b = things[words[2]].center, things[words[-2]].center
         axis = 0 if "left" in words else 1
         expected = ("left", "right") if axis == 0 else ("above", "below")
-        assert abs(a[axis] - b[axis]) >= SpatialConfig().min_separation * min(scene.height, scene.width) / 128
+        assert abs(a[axis] - b[axis]) >= SpatialConfig().min_separation * SpatialConfig().scale(
+            scene.height, scene.width
+        )
         said = [words[2], words[-2], expected[0 if a[axis] < b[axis] else 1]]
         assert scene.questions["position"][1].split() == said
 

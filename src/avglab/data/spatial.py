@@ -106,7 +106,7 @@ class SpatialConfig:
         min_separation: the least distance of the two centres along the asked axis (position).
         kinds: question kinds asked (training dialogues ask each, in random order).
         questions_per_kind: shape and position questions per training dialogue, about distinct objects and
-            pairs where the scene has them (count is asked once); more answers per vision pass.
+            ordered pairs where the scene has them (count is asked once); more answers per vision pass.
         image_sizes: (height, width) choices.
         answer_style: ``named`` answers say what they are about, then the value, with the value right after
             the question's key word(s): "red circle", "circles three", "red blue left"; ``bare`` answers are
@@ -130,6 +130,10 @@ class SpatialConfig:
     image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])
     answer_style: str = "named"
     questions_per_kind: int = 2
+
+    def scale(self, height: int, width: int) -> float:
+        """How an image of this size scales the configured pixel sizes (1 at the largest short side)."""
+        return min(height, width) / max(min(size) for size in self.image_sizes)
 
     def __post_init__(self):
         self.image_sizes = [tuple(int(x) for x in s) for s in self.image_sizes]
@@ -185,8 +189,9 @@ def _position_questions(
 ) -> list[tuple[str, str]]:
     """Left/right or above/below questions about pairs far enough apart on that axis.
 
-    The first question is the scene's (the axis drawn first, then any pair); the others (other pairs, then the
-    other axis) are the extra training questions of ``questions_per_kind``.
+    The first question is the scene's (the axis drawn first, then any pair); the others (other ordered pairs,
+    so a pair may come back the other way round, then the other axis) are the extra training questions of
+    ``questions_per_kind``.
     """
     pairs = [(a, b) for a in things for b in things if a is not b]
     rng.shuffle(pairs)
@@ -214,9 +219,10 @@ def _shape_question(thing: Thing, named: bool) -> tuple[str, str]:
 
 def sample_scene(rng: random.Random, cfg: SpatialConfig) -> SpatialScene:
     """Draws one scene: a counted shape (1-3 of it), distractors of other shapes, the three questions."""
+    named = cfg.answer_style == "named"
     for _ in range(1000):
         height, width = rng.choice(cfg.image_sizes)
-        scale = min(height, width) / max(min(size) for size in cfg.image_sizes)
+        scale = cfg.scale(height, width)
         counted = rng.choice(SHAPES)
         count = rng.randint(1, len(COUNT_WORDS))
         total = rng.randint(max(cfg.min_objects, count + 1), max(cfg.max_objects, count + 1))
@@ -229,12 +235,10 @@ def sample_scene(rng: random.Random, cfg: SpatialConfig) -> SpatialScene:
             continue
         colors = rng.sample(sorted(COLORS), total)
         things = [Thing(s, c, b) for s, c, b in zip(shapes, colors, boxes, strict=True)]
-        named = cfg.answer_style == "named"
         positions = _position_questions(rng, things, cfg.min_separation * scale, named)
         if not positions:
             continue
         asked = rng.choice(things)  # symmetric in the shapes, so shape answers are balanced
-
         questions = {
             "shape": _shape_question(asked, named),
             "count": (
