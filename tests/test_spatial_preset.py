@@ -12,7 +12,10 @@ from avglab.data import spatial
 from avglab.run import run
 
 STAGES = sorted(p.stem for p in (Path(CONFIG_DIR) / "stage").glob("*.yaml"))
-OWN = {"model": {"name", "text_init_range"}, "pretrain": {"batch_size", "max_steps", "val_every"}}
+OWN = {
+    "model": {"name", "text_init_range", "vision_position_init"},
+    "pretrain": {"batch_size", "max_steps", "val_every"},
+}
 
 
 def composed(tmp_path: Path, stage: str, model: str) -> dict:
@@ -33,6 +36,7 @@ def test_tiny_spatial_is_the_tiny_model_and_recipes_but_its_init_and_stage_1_len
     assert composed(tmp_path, stage, "tiny_spatial") == composed(tmp_path, stage, "tiny")
     cfg = compose_stage(tmp_path, stage, "model=tiny_spatial")
     assert cfg.model.name == "tiny_spatial" and cfg.model.text_init_range == 0.1
+    assert cfg.model.vision_position_init == "sincos"
     if stage == "pretrain":
         assert cfg.stage.max_steps > compose_stage(tmp_path, stage, "model=tiny").stage.max_steps
 

@@ -1,7 +1,8 @@
 """``python -m avglab`` with an initialisation the configs cannot express, for the study's probe runs only.
 
 ``AVGLAB_PROBE_POS=sincos:<amplitude>`` replaces the random vision position embeddings of a freshly built
-tiny model by fixed-formula 2D sine-cosine ones (MAE's, times the amplitude; CLS gets zeros);
+tiny model by fixed-formula 2D sine-cosine ones (MAE's, times the amplitude; CLS gets zeros; amplitude 1
+is ``model.vision_position_init=sincos``, which the configs can express);
 ``AVGLAB_PROBE_POS=normal:<std>`` draws them with that standard deviation instead of CLIP's 0.02.
 Stage outputs load over it, so only a stage that starts from random weights (stage 1) is changed.
 
@@ -14,19 +15,7 @@ import os
 import torch
 
 import avglab.training.build as build
-
-
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """(grid*grid, dim) 2D sine-cosine position codes: half the channels for the row, half for the column."""
-    quarter = dim // 4
-    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-
-    def code(pos):
-        angles = pos.flatten().float()[:, None] * freq[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([code(rows), code(cols)], dim=1)
+from avglab.core.position_codes import sincos_2d
 
 
 def patched(*args, **kwargs):

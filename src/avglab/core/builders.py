@@ -8,6 +8,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from avglab.core.hub import from_hub
+from avglab.core.position_codes import init_vision_positions
 from avglab.core.transformers_names import enable_checkpointing
 from avglab.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
 
@@ -30,6 +31,7 @@ def tiny_llava(
     text_layers: int = 2,
     text_heads: int = 4,
     text_init_range: float = 0.02,
+    vision_position_init: str = "clip",
     seed: int = 0,
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
@@ -40,6 +42,8 @@ def tiny_llava(
     code path the tiny model exercises is the one real checkpoints take. The vision feature layer
     is -2 with the CLS token dropped, as in LLaVA-NeXT. ``attn_implementation`` and
     ``gradient_checkpointing`` act as for checkpoints (see :func:`configure_llava`).
+    ``vision_position_init`` starts the tower's learned position embeddings from CLIP's random
+    draw (``clip``) or from 2D sine-cosine codes (``sincos``, :mod:`avglab.core.position_codes`).
 
     The special-token ids default to those of the word tokenizer
     (:func:`~avglab.data.tokenizer.build_word_tokenizer`); pass another tokenizer's own ids. They go
@@ -89,6 +93,7 @@ def tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
+    init_vision_positions(model.model.vision_tower, vision_position_init)
     model.eval()
     return configure_llava(model, attn_implementation, gradient_checkpointing)
 

@@ -149,6 +149,7 @@ def build_llava(cfg: DictConfig, tokenizer):
             text_layers=m.text_layers,
             text_heads=m.get("text_heads", 4),
             text_init_range=m.get("text_init_range", 0.02),
+            vision_position_init=m.get("vision_position_init", "clip"),
             seed=cfg.seed,
             attn_implementation=m.get("attn_implementation"),
             gradient_checkpointing=m.get("gradient_checkpointing", False),
