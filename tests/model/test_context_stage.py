@@ -34,11 +34,14 @@ def test_targets_hold_each_patch_neighbourhood_and_mask_the_outside():
     assert mask[0, 5].sum() == 36  # an inner patch sees its whole window
 
 
-def stage_for(llava, weight: float, cell: int = 4) -> ContextPretrainStage:
+def stage_for(
+    llava, weight: float, cell: int = 4, mask: float = 0.0, radius: int = 1
+) -> ContextPretrainStage:
     stage = compose_config("stage=pretrain").stage
     OmegaConf.set_struct(stage, False)
     stage.train = ["vision", "projector", "newline", "llm"]
-    stage.context_weight, stage.context_radius, stage.context_cell = weight, 1, cell
+    stage.context_weight, stage.context_radius, stage.context_cell = weight, radius, cell
+    stage.context_mask = mask
     return ContextPretrainStage(AvgCore(llava, LEVELS), stage)
 
 
@@ -60,3 +63,28 @@ def test_context_loss_trains_the_tower_and_weight_zero_is_stage_one(fresh, batch
 def test_a_cell_that_does_not_divide_the_patch_is_refused(fresh):
     with pytest.raises(ValueError, match="context_cell=3"):
         stage_for(fresh, 1.0, cell=3)
+
+
+def test_the_masked_form_scores_only_blanked_patches_from_a_second_tower_pass(fresh, batch):
+    stage = stage_for(fresh, 1.0, cell=2, mask=0.5, radius=0)
+    stage.core(batch, level=-1)
+    pixels = stage._seen["pixels"]
+    torch.manual_seed(0)
+    tokens, hidden = stage.masked_tokens(pixels)
+    assert stage._seen["pixels"] is pixels  # the masked pass is not taken for the model's own forward
+    assert tokens.shape[:2] == hidden.shape and 0.3 < hidden.mean() < 0.7
+    assert not torch.allclose(tokens, stage._seen["tokens"])  # blanked patches change what the tower sees
+    torch.manual_seed(0)
+    loss = stage.context_loss()
+    loss.backward()
+    head = stage.context_head.weight.grad
+    assert loss.item() > 0 and head is not None and head.abs().sum() > 0
+    # scored on the blanked tokens only: the same loss by hand
+    targets, _ = context_targets(pixels.detach(), stage.patch, 0, 2)
+    error = (stage.context_head(tokens) - targets).pow(2).mean(-1)
+    assert torch.allclose(loss, (error * hidden).sum() / hidden.sum(), rtol=1e-4)
+
+
+def test_a_mask_ratio_outside_zero_to_one_is_refused(fresh):
+    with pytest.raises(ValueError, match="context_mask=1.0"):
+        stage_for(fresh, 1.0, mask=1.0)

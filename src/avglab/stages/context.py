@@ -9,6 +9,12 @@ feeds the projector, ``vision_feature_layer``), a linear head predicts the tile'
 ``context_radius``; cells outside the tile are left out of the loss). A token can only do that by knowing
 what its neighbours show and where they are, which is what shape, count and relative position need.
 
+With ``context_mask`` > 0 the objective is masked instead (MAE's): each step also runs the tower once
+more on the same tiles with that fraction of patches blanked (0, the normalised mean pixel), and only the
+blanked patches' tokens are scored, so a token must infer what it covers from its neighbours: the course
+of an edge through a hidden patch depends on the object's shape, where the unmasked form can be met from
+the patch's own colours.
+
 The head is the stage's own (it is not part of the core, so the stage output and every later stage are
 plain LLaVA-NeXT weights); it trains at ``stage.lr``, and the objective adds ``context_weight`` times the
 mean squared error (normalised pixels) to the answer loss. ``context_weight: 0`` is stage 1 as before.
@@ -53,7 +59,8 @@ class ContextPretrainStage(PretrainStage):
     """Stage 1 (Eq. 1) plus ``context_weight`` x the neighbourhood-painting loss on the vision tokens.
 
     Stage keys: ``context_weight`` (0 turns it off), ``context_radius`` (R, patches), ``context_cell``
-    (pixels per pooled cell; divides the patch side).
+    (pixels per pooled cell; divides the patch side), ``context_mask`` (fraction of patches blanked in the
+    masked form; 0: every token paints what it sees).
     """
 
     def __init__(self, core: AvgCore, stage: DictConfig):
@@ -63,36 +70,69 @@ class ContextPretrainStage(PretrainStage):
         self.radius = int(stage.get("context_radius", 2))
         self.cell = int(stage.get("context_cell", 4))
         self.weight = float(stage.get("context_weight", 1.0))
-        if self.patch % self.cell or self.radius < 0 or self.weight < 0:
+        self.mask_ratio = float(stage.get("context_mask", 0.0))
+        if self.patch % self.cell or self.radius < 0 or self.weight < 0 or not 0 <= self.mask_ratio < 1:
             raise ValueError(
                 f"stage.context_cell={self.cell} must divide the patch side {self.patch}; "
-                f"stage.context_radius={self.radius} and stage.context_weight={self.weight} must be >= 0"
+                f"stage.context_radius={self.radius} and stage.context_weight={self.weight} must be >= 0; "
+                f"stage.context_mask={self.mask_ratio} must be in [0, 1)"
             )
         width = (2 * self.radius + 1) * self.patch // self.cell
         self.context_head = nn.Linear(vision.hidden_size, vision.num_channels * width * width)
         self._seen: dict[str, torch.Tensor] = {}
+        self._masked_pass = False
         tower = core.llava.model.vision_tower
         tower.register_forward_hook(self._keep_tokens, with_kwargs=True)
 
     def _keep_tokens(self, module, args, kwargs, output) -> None:
         """Keeps the tower's input tiles and the feature layer's patch tokens of the current forward."""
-        if self.weight == 0:
+        if self.weight == 0 or self._masked_pass:
             return
         pixels = args[0] if args else kwargs["pixel_values"]
         layer = self.core.config.vision_feature_layer
         layer = layer if isinstance(layer, int) else layer[-1]
         self._seen = {"pixels": pixels, "tokens": output.hidden_states[layer][:, 1:]}
 
+    def masked_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower's patch tokens of ``pixels`` with random patches blanked, and which were.
+
+        Args:
+            pixels: (T, 3, S, S) tiles of the last forward.
+
+        Returns:
+            (T, grid*grid, D) tokens and a (T, grid*grid) 0/1 float mask of the blanked patches.
+        """
+        tiles, grid = pixels.shape[0], pixels.shape[-1] // self.patch
+        hidden = (torch.rand(tiles, grid * grid, device=pixels.device) < self.mask_ratio).float()
+        blank = (
+            hidden.view(tiles, 1, grid, grid)
+            .repeat_interleave(self.patch, 2)
+            .repeat_interleave(self.patch, 3)
+        )
+        layer = self.core.config.vision_feature_layer
+        layer = layer if isinstance(layer, int) else layer[-1]
+        self._masked_pass = True
+        try:
+            out = self.core.llava.model.vision_tower(pixels * (1 - blank), output_hidden_states=True)
+        finally:
+            self._masked_pass = False
+        return out.hidden_states[layer][:, 1:], hidden
+
     def context_loss(self) -> torch.Tensor | None:
         """Masked MSE of the head's neighbourhood prediction on the last forward's tiles (None: no image)."""
         seen, self._seen = self._seen, {}
         if not seen:
             return None
-        targets, mask = context_targets(seen["pixels"].detach(), self.patch, self.radius, self.cell)
-        predicted = self.context_head(seen["tokens"])  # (T, grid*grid, 3*w*w)
-        channels = seen["pixels"].shape[1]
-        error = (predicted - targets).pow(2).unflatten(-1, (channels, -1)) * mask.unsqueeze(2)
-        return error.sum() / (mask.sum() * channels * len(targets))
+        pixels = seen["pixels"].detach()
+        targets, mask = context_targets(pixels, self.patch, self.radius, self.cell)
+        tokens, scored = seen["tokens"], torch.ones_like(targets[..., 0])
+        if self.mask_ratio:
+            tokens, scored = self.masked_tokens(pixels)
+        predicted = self.context_head(tokens)  # (T, grid*grid, 3*w*w)
+        channels = pixels.shape[1]
+        cells = mask * scored.unsqueeze(-1)  # (T, grid*grid, w*w): inside the tile, on a scored token
+        error = (predicted - targets).pow(2).unflatten(-1, (channels, -1)) * cells.unsqueeze(2)
+        return error.sum() / (cells.sum().clamp(min=1) * channels)
 
     def step_loss(self, batch: dict, split: str) -> torch.Tensor:
         """Answer CE at the finest level plus the weighted context loss, both logged."""
