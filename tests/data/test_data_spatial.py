@@ -128,3 +128,15 @@ def test_bad_settings_fail_early():
         SpatialConfig(kinds=["colour"])
     with pytest.raises(ValueError, match="max_objects"):
         SpatialConfig(max_objects=9)
+
+
+def test_the_number_of_objects_does_not_give_the_count_away():
+    """Counting every object, whatever its shape, is no better than chance (61% when the two were tied)."""
+    by_total: dict[int, Counter] = {}
+    for scene in scenes(900):
+        by_total.setdefault(len(scene.things), Counter())[scene.questions["count"][1].split()[-1]] += 1
+    assert set(by_total) == {3, 4}
+    best_guess = sum(max(answers.values()) for answers in by_total.values()) / 900
+    assert best_guess < 0.40  # chance: 1/3
+    with pytest.raises(ValueError, match="3 <= min_objects"):
+        SpatialConfig(min_objects=2)

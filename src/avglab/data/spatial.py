@@ -1,22 +1,21 @@
 r"""``python -m avglab.data.spatial``: a generated VQA set about where things are, in LLaVA format.
 
-Every image holds 2-4 objects (circle, square, triangle, cross) of distinct colours on a light
-background, each 2-3 patches wide in the tiny model's 64-px local tile (``--layout anyres``: 2-5
+Every image holds 3-4 objects (circle, square, triangle, cross) of distinct colours on a light
+background, each 2-3 patches wide in the tiny model's 64-px local tile (``--layout anyres``: 3-5
 objects, 2.5-4 patches wide, in 128-px images cut into 4 tiles), placed apart. The questions need more
 than one patch's colour; answers name their subject, then the value (``--answers bare``: the value):
 
 - ``shape``: "what shape is the red object?" -> "red circle" (circle / square / triangle / cross),
 - ``count``: "how many circles are there?" -> "circles two" (one / two / three; the other objects are
-  distractors of other shapes),
+  distractors of other shapes, their number drawn apart from the count: counting all objects is no help),
 - ``position``: "is the red object left or right of the blue object?" or "... above or below ..."
   -> "red blue left" (left / right / above / below; the centres ``min_separation`` px apart on that axis).
 
 Answers are balanced within each kind (the shape and the count are drawn first, the scene is built
 around them), so no answer is right more often than chance without looking. Training records are
-dialogues asking every kind in random order (one vision pass; up to ``questions_per_kind``, by default
-2, shape and position questions about distinct objects and pairs, one count question); the
-validation and test records ask one question each and name its kind (``question_type``), so
-``stage=eval`` splits accuracy by kind.
+dialogues asking every kind in random order (one vision pass; up to ``questions_per_kind``, default 2,
+shape and position questions about distinct objects and pairs, one count question); validation and test
+records ask one question each with its kind (``question_type``), so ``stage=eval`` splits accuracy by kind.
 
 The output is what a user brings (README, "Real data"): ``train.json``, ``val.json``, ``test.json``
 and ``images/``, which the converter turns into shards::
@@ -101,7 +100,8 @@ class SpatialConfig:
         seed: base seed; image i of a split has its own RNG.
         n_train, n_val, n_test: images (train) or questions (val, test) per split.
         min_size, max_size: an object's side.
-        min_objects, max_objects: objects per image (the counted shape 1-3 times, the rest distractors).
+        min_objects, max_objects: objects per image (the counted shape 1-3 times, the rest distractors), at
+            least 3, so the number of objects says nothing about the count (experiments/spatial/README.md).
         gap: free pixels between two objects' boxes.
         min_separation: the least distance of the two centres along the asked axis (position).
         kinds: question kinds asked (training dialogues ask each, in random order).
@@ -122,7 +122,7 @@ class SpatialConfig:
     n_test: int = 600
     min_size: int = 18
     max_size: int = 24
-    min_objects: int = 2
+    min_objects: int = 3
     max_objects: int = 4
     gap: int = 2
     min_separation: int = 12
@@ -142,8 +142,11 @@ class SpatialConfig:
             problems.append(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
         if not 1 <= self.min_size <= self.max_size:
             problems.append("need 1 <= min_size <= max_size")
-        if not 2 <= self.min_objects <= self.max_objects <= len(COLORS):
-            problems.append(f"need 2 <= min_objects <= max_objects <= {len(COLORS)} (one colour each)")
+        if not len(COUNT_WORDS) <= self.min_objects <= self.max_objects <= len(COLORS):
+            n = len(COUNT_WORDS)
+            problems.append(
+                f"need {n} <= min_objects <= max_objects <= {len(COLORS)} (any count, one colour each)"
+            )
         if self.questions_per_kind < 1:
             problems.append("questions_per_kind must be >= 1")
         if self.answer_style not in ANSWER_STYLES:
@@ -225,7 +228,9 @@ def sample_scene(rng: random.Random, cfg: SpatialConfig) -> SpatialScene:
         scale = cfg.scale(height, width)
         counted = rng.choice(SHAPES)
         count = rng.randint(1, len(COUNT_WORDS))
-        total = rng.randint(max(cfg.min_objects, count + 1), max(cfg.max_objects, count + 1))
+        total = rng.randint(
+            cfg.min_objects, cfg.max_objects
+        )  # apart from the count (no object-count shortcut)
         others = [s for s in SHAPES if s != counted]
         shapes = [counted] * count + [rng.choice(others) for _ in range(total - count)]
         rng.shuffle(shapes)
@@ -351,9 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     """Command line entry point (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m avglab.data.spatial", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="folder for train.json, val.json, test.json and images/")
-    p.add_argument(
-        "--train", type=int, default=SpatialConfig.n_train, help="training images (3 questions each)"
-    )
+    p.add_argument("--train", type=int, default=SpatialConfig.n_train, help="training images (dialogues)")
     p.add_argument("--val", type=int, default=SpatialConfig.n_val, help="validation questions")
     p.add_argument("--test", type=int, default=SpatialConfig.n_test, help="test questions")
     p.add_argument("--seed", type=int, default=0)
