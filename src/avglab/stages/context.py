@@ -89,9 +89,12 @@ class ContextPretrainStage(PretrainStage):
         if self.weight == 0 or self._masked_pass:
             return
         pixels = args[0] if args else kwargs["pixel_values"]
+        self._seen = {"pixels": pixels, "tokens": self.patch_tokens(output)}
+
+    def patch_tokens(self, output) -> torch.Tensor:
+        """(T, grid*grid, D) patch tokens of a tower output at LLaVA-NeXT's feature layer (CLS dropped)."""
         layer = self.core.config.vision_feature_layer
-        layer = layer if isinstance(layer, int) else layer[-1]
-        self._seen = {"pixels": pixels, "tokens": output.hidden_states[layer][:, 1:]}
+        return output.hidden_states[layer if isinstance(layer, int) else layer[-1]][:, 1:]
 
     def masked_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The tower's patch tokens of ``pixels`` with random patches blanked, and which were.
@@ -109,14 +112,12 @@ class ContextPretrainStage(PretrainStage):
             .repeat_interleave(self.patch, 2)
             .repeat_interleave(self.patch, 3)
         )
-        layer = self.core.config.vision_feature_layer
-        layer = layer if isinstance(layer, int) else layer[-1]
-        self._masked_pass = True
+        self._masked_pass = True  # not the model's own forward: _keep_tokens leaves it out
         try:
             out = self.core.llava.model.vision_tower(pixels * (1 - blank), output_hidden_states=True)
         finally:
             self._masked_pass = False
-        return out.hidden_states[layer][:, 1:], hidden
+        return self.patch_tokens(out), hidden
 
     def context_loss(self) -> torch.Tensor | None:
         """Masked MSE of the head's neighbourhood prediction on the last forward's tiles (None: no image)."""
