@@ -228,9 +228,8 @@ def sample_scene(rng: random.Random, cfg: SpatialConfig) -> SpatialScene:
         scale = cfg.scale(height, width)
         counted = rng.choice(SHAPES)
         count = rng.randint(1, len(COUNT_WORDS))
-        total = rng.randint(
-            cfg.min_objects, cfg.max_objects
-        )  # apart from the count (no object-count shortcut)
+        # the number of objects is drawn apart from the count, so that it does not give the count away
+        total = rng.randint(cfg.min_objects, cfg.max_objects)
         others = [s for s in SHAPES if s != counted]
         shapes = [counted] * count + [rng.choice(others) for _ in range(total - count)]
         rng.shuffle(shapes)
