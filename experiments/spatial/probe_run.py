@@ -9,13 +9,12 @@ Stage outputs load over it, so only a stage that starts from random weights (sta
     AVGLAB_PROBE_POS=sincos:0.5 python experiments/spatial/probe_run.py stage=pretrain ...
 """
 
-import math
 import os
 
 import torch
 
 import avglab.training.build as build
-from avglab.core.position_codes import sincos_2d
+from avglab.core.position_codes import init_vision_positions
 
 
 def patched(*args, **kwargs):
@@ -26,9 +25,8 @@ def patched(*args, **kwargs):
     emb = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
     with torch.no_grad():
         if kind == "sincos":
-            grid = int(math.isqrt(emb.shape[0] - 1))
-            emb[0].zero_()
-            emb[1:] = float(value) * sincos_2d(grid, emb.shape[1])
+            init_vision_positions(tower, "sincos")
+            emb.mul_(float(value))
         elif kind == "normal":
             emb.normal_(0.0, float(value))
         else:

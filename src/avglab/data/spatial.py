@@ -120,14 +120,14 @@ class SpatialConfig:
     n_train: int = 4000
     n_val: int = 200
     n_test: int = 600
-    min_size: int = 18
-    max_size: int = 24
+    min_size: int = LAYOUTS["laptop"]["min_size"]
+    max_size: int = LAYOUTS["laptop"]["max_size"]
     min_objects: int = 3
-    max_objects: int = 4
-    gap: int = 2
-    min_separation: int = 12
+    max_objects: int = LAYOUTS["laptop"]["max_objects"]
+    gap: int = LAYOUTS["laptop"]["gap"]
+    min_separation: int = LAYOUTS["laptop"]["min_separation"]
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
-    image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])
+    image_sizes: list[tuple[int, int]] = field(default_factory=lambda: list(LAYOUTS["laptop"]["image_sizes"]))
     answer_style: str = "named"
     questions_per_kind: int = 2
 
@@ -206,13 +206,11 @@ def _position_questions(
             d = a.center[0] - b.center[0] if axis == "x" else a.center[1] - b.center[1]
             if abs(d) < min_sep:
                 continue
+            before, after = ("left", "right") if axis == "x" else ("above", "below")
+            relation = f"{before} or {after}" + (" of" if axis == "x" else "")
             subject = f"{a.color} {b.color} " if named else ""
-            if axis == "x":
-                question = f"is the {a.color} object left or right of the {b.color} object?"
-                found.append((question, subject + ("left" if d < 0 else "right")))
-            else:
-                question = f"is the {a.color} object above or below the {b.color} object?"
-                found.append((question, subject + ("above" if d < 0 else "below")))
+            question = f"is the {a.color} object {relation} the {b.color} object?"
+            found.append((question, subject + (before if d < 0 else after)))
     return found
 
 
