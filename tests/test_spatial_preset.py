@@ -72,3 +72,26 @@ def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
     assert len(predictions) == 6 and all(
         len(p["answers"][0].split()) >= 2 for p in predictions
     )  # named answers
+
+
+def test_the_masked_context_objective_runs_as_the_study_invokes_it(tmp_path):
+    """The study's ``stage.module=...ContextPretrainStage`` with ``context_mask``, on the spatial set."""
+    out = tmp_path / "spatial"
+    spatial.main([str(out), "--train", "8", "--val", "2", "--test", "3", "--convert"])
+    overrides = [
+        "model=tiny_spatial",
+        "data=spatial",
+        f"data.root={out}/shards",
+        "data.batch_size=4",
+        "stage.max_steps=2",
+        "stage.val_every=2",
+        "stage.batch_size=4",
+        "stage.module=avglab.stages.context.ContextPretrainStage",
+        "+stage.context_radius=0",
+        "+stage.context_cell=2",
+        "+stage.context_weight=1",
+    ]
+    pretrain = run(compose_stage(tmp_path, "pretrain", *overrides, "+stage.context_mask=0.25"))
+    assert pretrain["val/loss"] > 0 and pretrain["val/context_loss"] > 0
+    with pytest.raises(ValueError, match=r"stage.context_mask=1.5 must be in \[0, 1\)"):
+        run(compose_stage(tmp_path, "pretrain", *overrides, "+stage.context_mask=1.5", tag="_bad"))
