@@ -14,7 +14,7 @@ from avglab.run import run
 STAGES = sorted(p.stem for p in (Path(CONFIG_DIR) / "stage").glob("*.yaml"))
 OWN = {
     "model": {"name", "text_init_range", "vision_position_init"},
-    "pretrain": {"batch_size", "max_steps", "val_every"},
+    "pretrain": {"batch_size", "granularity", "max_steps", "val_every"},
 }
 
 
@@ -38,11 +38,13 @@ def test_tiny_spatial_is_the_tiny_model_and_recipes_but_its_init_and_stage_1_len
     assert cfg.model.name == "tiny_spatial" and cfg.model.text_init_range == 0.1
     assert cfg.model.vision_position_init == "sincos"
     if stage == "pretrain":
-        assert cfg.stage.max_steps > compose_stage(tmp_path, stage, "model=tiny").stage.max_steps
+        tiny = compose_stage(tmp_path, stage, "model=tiny").stage
+        assert cfg.stage.max_steps > tiny.max_steps
+        assert cfg.stage.granularity == 32 and tiny.granularity is None  # the demo's stage 1: the finest
 
 
 def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
-    """The README's commands: generate and convert the set, stage 1 with the preset, evaluation by kind."""
+    """The README's commands: generate and convert the set, stages 1 and 2 of the preset, accuracy by kind."""
     out = tmp_path / "spatial"
     spatial.main(
         [str(out), "--train", "8", "--val", "2", "--test", "6", "--questions-per-kind", "2", "--convert"]
@@ -54,12 +56,16 @@ def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
         )
     )
     assert pretrain["val/loss"] > 0
+    # stage 1 at 32 tokens per tile: a 64-px image's global view, its unpadded local half, a newline per row
+    assert pretrain["val/visual_tokens_mean"] == 32 + 32 + 8
+    instruct = run(compose_stage(tmp_path, "instruct", *common, "stage.max_steps=1", "stage.batch_size=4"))
+    assert instruct["train/visual_tokens_mean"] == 64 + 64 + 8  # stage 2 trains the finest level
     scored = run(
         compose_stage(
             tmp_path,
             "eval",
             *common,
-            "stage.previous=pretrain",
+            "stage.previous=instruct",
             "router=none",
             "stage.compare_fixed=false",
             "stage.latency_samples=0",

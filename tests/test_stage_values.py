@@ -28,6 +28,11 @@ BAD = [
     ("rglf_cached", "stage.cache_train_samples=0", r"stage.cache_train_samples=0: must be an integer >= 1"),
     ("rglf_cached", "stage.cache_batch_size=0", r"stage.cache_batch_size=0: must be an integer >= 1 or null"),
     ("eval", "stage.max_new_tokens=0", r"stage.max_new_tokens=0: must be an integer >= 1"),
+    (
+        "pretrain",
+        "stage.granularity=20",
+        r"stage.granularity=20: train at one of router.granularities \[4, 8",
+    ),
 ]
 
 

@@ -192,7 +192,7 @@ class StageModule(L.LightningModule):
                 {"params": decay, "lr": lr, "weight_decay": self.stage.weight_decay, "name": part},
                 {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}/no_decay"},
             ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+        optimizer = torch.optim.AdamW([g for g in groups + self.head_parameter_groups() if g["params"]])
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_scheduler(
             self.stage.get("schedule", "cosine"),
@@ -202,6 +202,10 @@ class StageModule(L.LightningModule):
         )
         schedule = {"scheduler": scheduler, "interval": "step", "name": "lr"}  # tags lr/<group name>
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def head_parameter_groups(self) -> list[dict]:
+        """Optimizer groups of a stage's own heads (not part of the core), on the stage's schedule."""
+        return []
 
     def batch_size(self, batch: dict) -> int:
         """Samples in a batch (for Lightning's logging)."""

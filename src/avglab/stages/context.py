@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from transformers import get_scheduler
 
 from avglab.core.model import AvgCore
 from avglab.stages.pretrain import PretrainStage
@@ -153,20 +152,15 @@ class ContextPretrainStage(PretrainStage):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.step_loss(batch, "val")
 
-    def configure_optimizers(self):
-        """The base optimizer with the context head as one more group at ``stage.lr``, then the schedule."""
-        config = super().configure_optimizers()
+    def head_parameter_groups(self) -> list[dict]:
+        """The context head at ``stage.lr``, no weight decay."""
         if not self.weight:
-            return config
-        optimizer = config["optimizer"]
-        optimizer.add_param_group(
-            {"params": list(self.context_head.parameters()), "lr": self.stage.lr, "weight_decay": 0.0}
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        config["lr_scheduler"]["scheduler"] = get_scheduler(  # every group on the stage's schedule
-            self.stage.get("schedule", "cosine"),
-            optimizer,
-            num_warmup_steps=int(self.stage.warmup_ratio * total),
-            num_training_steps=total,
-        )
-        return config
+            return []
+        return [
+            {
+                "params": list(self.context_head.parameters()),
+                "lr": self.stage.lr,
+                "weight_decay": 0.0,
+                "name": "context_head",
+            }
+        ]

@@ -1,18 +1,33 @@
-"""Stage 1: pretraining the projector on captions (Eq. 1), finest granularity."""
+"""Stage 1: pretraining the projector on captions (Eq. 1), at the finest granularity or a configured one."""
 
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 
+from avglab.core.model import AvgCore
 from avglab.stages.base import StageModule
+from avglab.training.validation import check_granularity
 
 
 class PretrainStage(StageModule):
-    """Next-token cross-entropy on the answer (caption) tokens with every visual token (Eq. 1)."""
+    """Next-token cross-entropy on the answer (caption) tokens with every visual token (Eq. 1).
+
+    ``stage.granularity`` (tokens per tile, one of the scaler's) feeds every step the scaler's pooled
+    tokens at that granularity instead of the finest ones (null, the paper). A tiny tower trained from
+    random weights learns what several patches show together sooner that way
+    (experiments/spatial/README.md); the later stages train every granularity.
+    """
+
+    def __init__(self, core: AvgCore, stage: DictConfig):
+        super().__init__(core, stage)
+        granularities, granularity = list(core.scaler.granularities), stage.get("granularity")
+        check_granularity(granularity, granularities)
+        self.level = -1 if granularity is None else granularities.index(granularity)
 
     def finest_loss(self, batch: dict, split: str) -> torch.Tensor:
-        """Token-mean answer CE at the finest level, logged with the visual token count."""
-        out = self.core(batch, level=-1)
+        """Token-mean answer CE at the stage's level (the finest unless ``stage.granularity``), logged."""
+        out = self.core(batch, level=self.level)
         size = self.batch_size(batch)
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
         self.log(f"{split}/visual_tokens_mean", out.visual_tokens.float().mean(), batch_size=size)

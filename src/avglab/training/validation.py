@@ -127,6 +127,19 @@ def check_optimization(stage: DictConfig) -> None:
     count("stage.val_every", stage.get("val_every", 1), why=" (training steps between validations)")
 
 
+def check_granularity(granularity: Any, granularities: list[int]) -> None:
+    """``stage.granularity``: null (the finest) or one of the scaler's granularities (tokens per tile).
+
+    Raises:
+        ConfigValueError: naming the key, the value and the allowed ones.
+    """
+    if granularity is not None and granularity not in granularities:
+        raise ConfigValueError(
+            f"stage.granularity={granularity}: train at one of router.granularities {granularities} "
+            "(tokens per tile), or null for the finest"
+        )
+
+
 def check_stage(cfg: DictConfig) -> None:
     """Every stage value with a range, checked before any model, data or run folder is made.
 
@@ -146,6 +159,8 @@ def check_stage(cfg: DictConfig) -> None:
             count("stage.latency_samples", stage.get("latency_samples"), minimum=0)
         return
     check_optimization(stage)
+    if "granularity" in stage and "router" in cfg:
+        check_granularity(stage.get("granularity"), list(cfg.router.granularities))
     trainer = cfg.get("trainer")
     if trainer is not None and "max_steps" in trainer:
         count("trainer.max_steps", trainer.get("max_steps"), why=" (follows stage.max_steps)")
