@@ -1,9 +1,10 @@
 """What the vision tower's output tokens know: linear probes per patch token, on the spatial set.
 
-For a stage output (or a fresh model: ``--fresh``), runs the vision tower on the local tiles of 128x128
-images of the spatial set (``python -m avglab.data.spatial --layout anyres``; AnyRes cuts 4 tiles at scale 1,
-so every patch is an 8x8 pixel square of the image) and fits a linear classifier on the tokens LLaVA-NeXT
-feeds the projector (``vision_feature_layer``, CLS dropped) for these labels:
+For a stage output (or a fresh model: ``--fresh``), runs the vision tower on the scale-1 tiles of the spatial
+set's images (so every patch is an 8x8 pixel square of the image): the 4 local tiles of a 128x128 image
+(``--layout anyres``), or the global view of a 64x64 one (the laptop layout, the default), and fits a
+linear classifier on the tokens LLaVA-NeXT feeds the projector (``vision_feature_layer``, CLS dropped)
+for these labels:
 
 - ``colour``: the colour under the patch centre (background or an object's): what one patch shows;
 - ``position``: the patch's own place in its tile (64 classes): what the position embedding gives;
@@ -55,7 +56,7 @@ def load(model: Path | None, overrides: list[str], data: Path):
 
 
 def patch_labels(record: dict, image: np.ndarray) -> list[dict]:
-    """Labels of every patch of the 4 local tiles (tile-major, row-major), from the scene and the pixels."""
+    """Labels of every patch of the image's 64-px tiles (tile-major, row-major), from scene and pixels."""
     things = record["scene"]["things"]
     out = []
     owner = np.full(image.shape[:2], -1)
@@ -64,8 +65,9 @@ def patch_labels(record: dict, image: np.ndarray) -> list[dict]:
         region = image[y0:y1, x0:x1]
         ref = image[(y0 + y1) // 2, (x0 + x1) // 2]  # every shape covers its box centre
         owner[y0:y1, x0:x1][np.all(region == ref, axis=-1)] = k
-    for tile in range(4):
-        ty, tx = 64 * (tile // 2), 64 * (tile % 2)
+    side = image.shape[0] // 64  # 128 px: 2x2 local tiles; 64 px: the image is its one tile
+    for tile in range(side * side):
+        ty, tx = 64 * (tile // side), 64 * (tile % side)
         for r in range(8):
             for c in range(8):
                 y, x = ty + 8 * r + 4, tx + 8 * c + 4
@@ -83,17 +85,22 @@ def patch_labels(record: dict, image: np.ndarray) -> list[dict]:
 
 @torch.no_grad()
 def features(core, processor, data: Path, split: str, limit: int) -> tuple[torch.Tensor, list[dict]]:
-    """(P, D) projector inputs of the local-tile patches of ``limit`` 128x128 images, and their labels."""
+    """(P, D) projector inputs of the scale-1 tiles' patches of ``limit`` images, and their labels.
+
+    128x128 images (anyres layout): the 4 local tiles; 64x64 (laptop layout): the global view, which is the
+    image itself (its local tiles are half AnyRes padding).
+    """
     records = json.loads((data / f"{split}.json").read_text())
     feats, labels = [], []
     vision = core.llava.model.vision_tower
     layer = core.config.vision_feature_layer
     for record in records:
         image = Image.open(data / "images" / record["image"]).convert("RGB")
-        if image.size != (128, 128):
+        if image.size not in ((128, 128), (64, 64)):
             continue
-        pixels = processor(images=image, return_tensors="pt")["pixel_values"][0, 1:5]  # the 4 local tiles
-        out = vision(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # (4, 64, D)
+        views = slice(1, 5) if image.size == (128, 128) else slice(0, 1)
+        pixels = processor(images=image, return_tensors="pt")["pixel_values"][0, views]
+        out = vision(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # (tiles, 64, D)
         feats.append(out.reshape(-1, out.shape[-1]))
         labels += [lab | {"image": len(feats)} for lab in patch_labels(record, np.asarray(image))]
         if len(feats) == limit:
@@ -156,8 +163,8 @@ def main() -> None:
     )
     p.add_argument("--model", type=Path, help="a stage output folder (<run dir>/model)")
     p.add_argument("--fresh", action="store_true", help="the random initial weights of the configured model")
-    p.add_argument("--fit", type=int, default=150, help="128x128 training images to fit on")
-    p.add_argument("--score", type=int, default=150, help="128x128 test images to score on")
+    p.add_argument("--fit", type=int, default=150, help="training images to fit on")
+    p.add_argument("--score", type=int, default=150, help="test images to score on")
     p.add_argument("overrides", nargs="*", help="config overrides (e.g. model.vision_layers=4)")
     args = p.parse_intermixed_args()
     torch.set_num_threads(1)

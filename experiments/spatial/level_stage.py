@@ -1,11 +1,13 @@
 """Stage 1 at a coarser granularity (probe only): ``stage.module=level_stage.LevelPretrainStage``.
 
 ``AVGLAB_PROBE_LEVEL`` (a level index, default 2 = 16 tokens per tile, 88 visual tokens for a 128x128
-image instead of 336) is the level every training and validation step uses. Needs
+image instead of 336) is the level every training and validation step uses; a comma-separated list
+(``3,4``) draws one of them per training step (validation: the first). Needs
 ``PYTHONPATH=experiments/spatial``.
 """
 
 import os
+import random
 
 import torch
 
@@ -17,7 +19,8 @@ class LevelPretrainStage(PretrainStage):
 
     def finest_loss(self, batch: dict, split: str) -> torch.Tensor:
         """The answer loss at the probe's level."""
-        out = self.core(batch, level=int(os.environ.get("AVGLAB_PROBE_LEVEL", "2")))
+        levels = [int(v) for v in os.environ.get("AVGLAB_PROBE_LEVEL", "2").split(",")]
+        out = self.core(batch, level=random.choice(levels) if split == "train" else levels[0])
         size = self.batch_size(batch)
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
         self.log(f"{split}/visual_tokens_mean", out.visual_tokens.float().mean(), batch_size=size)
