@@ -17,7 +17,7 @@ from avglab.stages.pretrain import PretrainStage
 class LevelPretrainStage(PretrainStage):
     """Stage 1 at one coarser level (``AVGLAB_PROBE_LEVEL``, default 2) instead of the finest."""
 
-    def finest_loss(self, batch: dict, split: str) -> torch.Tensor:
+    def answer_loss(self, batch: dict, split: str) -> torch.Tensor:
         """The answer loss at the probe's level."""
         levels = [int(v) for v in os.environ.get("AVGLAB_PROBE_LEVEL", "2").split(",")]
         out = self.core(batch, level=random.choice(levels) if split == "train" else levels[0])

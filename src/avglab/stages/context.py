@@ -135,8 +135,8 @@ class ContextPretrainStage(PretrainStage):
         return error.sum() / (cells.sum().clamp(min=1) * channels)
 
     def step_loss(self, batch: dict, split: str) -> torch.Tensor:
-        """Answer CE at the finest level plus the weighted context loss, both logged."""
-        loss = self.finest_loss(batch, split)
+        """Answer CE at the stage's level plus the weighted context loss, both logged."""
+        loss = self.answer_loss(batch, split)
         context = self.context_loss()
         if context is not None:
             self.log(f"{split}/context_loss", context, batch_size=self.batch_size(batch))

@@ -11,12 +11,12 @@ from avglab.training.validation import check_granularity
 
 
 class PretrainStage(StageModule):
-    """Next-token cross-entropy on the answer (caption) tokens with every visual token (Eq. 1).
+    """Next-token cross-entropy on the answer (caption) tokens given the image's visual tokens (Eq. 1).
 
-    ``stage.granularity`` (tokens per tile, one of the scaler's) feeds every step the scaler's pooled
-    tokens at that granularity instead of the finest ones (null, the paper). A tiny tower trained from
-    random weights learns what several patches show together sooner that way
-    (experiments/spatial/README.md); the later stages train every granularity.
+    Every visual token by default (the paper). ``stage.granularity`` (tokens per tile, one of the
+    scaler's) feeds every step the scaler's pooled tokens at that granularity instead: a tiny tower
+    trained from random weights learns what several patches show together sooner that way
+    (experiments/spatial/README.md). Stage 2 trains the finest level, stage 3 every level.
     """
 
     def __init__(self, core: AvgCore, stage: DictConfig):
@@ -25,7 +25,7 @@ class PretrainStage(StageModule):
         check_granularity(granularity, granularities)
         self.level = -1 if granularity is None else granularities.index(granularity)
 
-    def finest_loss(self, batch: dict, split: str) -> torch.Tensor:
+    def answer_loss(self, batch: dict, split: str) -> torch.Tensor:
         """Token-mean answer CE at the stage's level (the finest unless ``stage.granularity``), logged."""
         out = self.core(batch, level=self.level)
         size = self.batch_size(batch)
@@ -34,7 +34,7 @@ class PretrainStage(StageModule):
         return out.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.keep_in_graph(self.finest_loss(batch, "train"), batch)
+        return self.keep_in_graph(self.answer_loss(batch, "train"), batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.finest_loss(batch, "val")
+        self.answer_loss(batch, "val")
