@@ -128,25 +128,13 @@ class ReadoutPretrainStage(PretrainStage):
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """The step loss, the head kept in the graph."""
-        loss = self.step_loss(batch, "train")
-        if self.weight:  # the head gets an exact zero when nothing was scored (DDP)
-            loss = loss + sum(p.sum() for p in self.readout_head.parameters()) * 0.0
-        return self.keep_in_graph(loss, batch)
+        """The step loss; the head gets an exact zero when nothing was scored (DDP)."""
+        return self.keep_in_graph(self.heads_in_graph(self.step_loss(batch, "train")), batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The step loss, logged."""
         self.step_loss(batch, "val")
 
-    def head_parameter_groups(self) -> list[dict]:
-        """The read-out head at ``stage.lr``, no weight decay."""
-        if not self.weight:
-            return []
-        return [
-            {
-                "params": list(self.readout_head.parameters()),
-                "lr": self.stage.lr,
-                "weight_decay": 0.0,
-                "name": "readout_head",
-            }
-        ]
+    def stage_heads(self) -> dict[str, nn.Module]:
+        """The read-out head, while the objective is on."""
+        return {"readout_head": self.readout_head} if self.weight else {}

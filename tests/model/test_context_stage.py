@@ -88,3 +88,22 @@ def test_the_masked_form_scores_only_blanked_patches_from_a_second_tower_pass(fr
 def test_a_mask_ratio_outside_zero_to_one_is_refused(fresh):
     with pytest.raises(ValueError, match="context_mask=1.0"):
         stage_for(fresh, 1.0, mask=1.0)
+
+
+def test_the_head_trains_on_the_stage_schedule_and_only_while_the_objective_is_on(fresh):
+    from types import SimpleNamespace
+
+    def groups(stage):
+        stage._trainer = SimpleNamespace(estimated_stepping_batches=100)  # all configure_optimizers reads
+        config = stage.configure_optimizers()
+        scheduler = config["lr_scheduler"]["scheduler"]
+        assert len(scheduler.base_lrs) == len(config["optimizer"].param_groups)  # every group scheduled
+        return {g["name"]: g for g in config["optimizer"].param_groups}
+
+    stage = stage_for(fresh, 1.0)
+    head = groups(stage)["context_head"]
+    assert head["initial_lr"] == stage.stage.lr and head["weight_decay"] == 0.0
+    assert head["lr"] == 0.0  # the schedule's warm-up starts it from 0, as every other group
+    assert {id(p) for p in head["params"]} == {id(p) for p in stage.context_head.parameters()}
+    off = tiny_llava(vocab_size=VOCAB, image_token_id=IMAGE_ID, pad_token_id=PAD_ID, seed=0)
+    assert "context_head" not in groups(stage_for(off, 0.0))

@@ -203,9 +203,20 @@ class StageModule(L.LightningModule):
         schedule = {"scheduler": scheduler, "interval": "step", "name": "lr"}  # tags lr/<group name>
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
+    def stage_heads(self) -> dict[str, torch.nn.Module]:
+        """The stage's own heads in use, by name (not part of the core, so never in its output)."""
+        return {}
+
     def head_parameter_groups(self) -> list[dict]:
-        """Optimizer groups of a stage's own heads (not part of the core), on the stage's schedule."""
-        return []
+        """One optimizer group per stage head: ``stage.lr``, no weight decay, on the stage's schedule."""
+        return [
+            {"params": list(head.parameters()), "lr": self.stage.lr, "weight_decay": 0.0, "name": name}
+            for name, head in self.stage_heads().items()
+        ]
+
+    def heads_in_graph(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` plus an exact 0 over the stage heads' parameters (a step that did not use them, DDP)."""
+        return loss + sum(p.sum() for head in self.stage_heads().values() for p in head.parameters()) * 0.0
 
     def batch_size(self, batch: dict) -> int:
         """Samples in a batch (for Lightning's logging)."""

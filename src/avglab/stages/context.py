@@ -145,22 +145,13 @@ class ContextPretrainStage(PretrainStage):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.step_loss(batch, "train")
-        if self.weight and not bool(batch["has_image"].any()):  # the head gets an exact zero (DDP)
-            loss = loss + sum(p.sum() for p in self.context_head.parameters()) * 0.0
+        if not bool(batch["has_image"].any()):  # the head gets an exact zero (DDP)
+            loss = self.heads_in_graph(loss)
         return self.keep_in_graph(loss, batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.step_loss(batch, "val")
 
-    def head_parameter_groups(self) -> list[dict]:
-        """The context head at ``stage.lr``, no weight decay."""
-        if not self.weight:
-            return []
-        return [
-            {
-                "params": list(self.context_head.parameters()),
-                "lr": self.stage.lr,
-                "weight_decay": 0.0,
-                "name": "context_head",
-            }
-        ]
+    def stage_heads(self) -> dict[str, nn.Module]:
+        """The context head, while the objective is on."""
+        return {"context_head": self.context_head} if self.weight else {}
