@@ -9,7 +9,6 @@ from tiny_batches import LEVELS
 
 from avglab.core.model import AvgCore
 from avglab.stages.pretrain import PretrainStage
-from avglab.training.validation import ConfigValueError
 
 
 def stage_with(llava, granularity) -> PretrainStage:
@@ -31,6 +30,6 @@ def test_stage_one_feeds_the_configured_granularity_and_the_finest_by_default(ll
 def test_a_granularity_the_scaler_lacks_is_refused_with_the_allowed_ones(llava):
     allowed = re.escape(str(LEVELS))
     with pytest.raises(
-        ConfigValueError, match=rf"stage.granularity=3: train at one of router.granularities {allowed}"
+        ValueError, match=rf"stage.granularity=3: train at one of router.granularities {allowed}"
     ):
         stage_with(llava, 3)

@@ -7,7 +7,16 @@ from omegaconf import DictConfig
 
 from avglab.core.model import AvgCore
 from avglab.stages.base import StageModule
-from avglab.training.validation import check_granularity
+
+
+def granularity_error(granularity: int | None, granularities: list[int]) -> str | None:
+    """What is wrong with ``stage.granularity`` (None: nothing): null or one of the scaler's granularities."""
+    if granularity is None or granularity in granularities:
+        return None
+    return (
+        f"stage.granularity={granularity}: train at one of router.granularities {granularities} "
+        "(tokens per tile), or null for the finest"
+    )
 
 
 class PretrainStage(StageModule):
@@ -22,7 +31,8 @@ class PretrainStage(StageModule):
     def __init__(self, core: AvgCore, stage: DictConfig):
         super().__init__(core, stage)
         granularities, granularity = list(core.scaler.granularities), stage.get("granularity")
-        check_granularity(granularity, granularities)
+        if wrong := granularity_error(granularity, granularities):
+            raise ValueError(wrong)
         self.level = -1 if granularity is None else granularities.index(granularity)
 
     def answer_loss(self, batch: dict, split: str) -> torch.Tensor:

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from avglab.stages.pretrain import granularity_error
+
 NOT_TRAINING = ("eval", "bench")  # stages that build no optimizer
 # transformers.get_scheduler names that run with only warmup and total steps under a per-step Lightning
 # scheduler (cosine_with_min_lr, warmup_stable_decay need extra arguments; reduce_lr_on_plateau and
@@ -127,19 +129,6 @@ def check_optimization(stage: DictConfig) -> None:
     count("stage.val_every", stage.get("val_every", 1), why=" (training steps between validations)")
 
 
-def check_granularity(granularity: Any, granularities: list[int]) -> None:
-    """``stage.granularity``: null (the finest) or one of the scaler's granularities (tokens per tile).
-
-    Raises:
-        ConfigValueError: naming the key, the value and the allowed ones.
-    """
-    if granularity is not None and granularity not in granularities:
-        raise ConfigValueError(
-            f"stage.granularity={granularity}: train at one of router.granularities {granularities} "
-            "(tokens per tile), or null for the finest"
-        )
-
-
 def check_stage(cfg: DictConfig) -> None:
     """Every stage value with a range, checked before any model, data or run folder is made.
 
@@ -160,7 +149,9 @@ def check_stage(cfg: DictConfig) -> None:
         return
     check_optimization(stage)
     if "granularity" in stage and "router" in cfg:
-        check_granularity(stage.get("granularity"), list(cfg.router.granularities))
+        wrong = granularity_error(stage.get("granularity"), list(cfg.router.granularities))
+        if wrong:
+            raise ConfigValueError(wrong)
     trainer = cfg.get("trainer")
     if trainer is not None and "max_steps" in trainer:
         count("trainer.max_steps", trainer.get("max_steps"), why=" (follows stage.max_steps)")
