@@ -41,13 +41,21 @@ from avglab.training.build import build_core, saved_tokenizer
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
-def load(model: Path | None, overrides: list[str], data: Path):
-    """The core (random from the config, or a stage output's weights), its image processor and tokenizer."""
+def compose_config(model: Path | None, overrides: list[str], data: Path):
+    """The run config on the set's shards: a stage output's model settings, then ``model.*`` overrides."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["data=shards", f"data.root={data}/shards", *overrides])
     if model is not None:  # the model settings the stage output was trained with
         OmegaConf.set_struct(cfg, False)
         cfg.model = OmegaConf.load(model / "config.yaml").model
+        for key, value in (o.split("=", 1) for o in overrides if o.startswith("model.")):
+            OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def load(model: Path | None, overrides: list[str], data: Path):
+    """The core (random from the config, or a stage output's weights), its image processor and tokenizer."""
+    cfg = compose_config(model, overrides, data)
     tokenizer = saved_tokenizer(cfg, model) if model else None
     tokenizer, processor, core = build_core(cfg, tokenizer)
     if model:
