@@ -47,9 +47,8 @@ def compose_config(model: Path | None, overrides: list[str], data: Path):
         cfg = compose("config", overrides=["data=shards", f"data.root={data}/shards", *overrides])
     if model is not None:  # the model settings the stage output was trained with
         OmegaConf.set_struct(cfg, False)
-        cfg.model = OmegaConf.load(model / "config.yaml").model
-        for key, value in (o.split("=", 1) for o in overrides if o.startswith("model.")):
-            OmegaConf.update(cfg, key, value)
+        again = OmegaConf.from_dotlist([o for o in overrides if o.startswith("model.")])
+        cfg.model = OmegaConf.merge(OmegaConf.load(model / "config.yaml").model, again.get("model", {}))
     return cfg
 
 

@@ -18,10 +18,7 @@ class LevelPretrainStage(PretrainStage):
     """Stage 1 at one coarser level (``AVGLAB_PROBE_LEVEL``, default 2) instead of the finest."""
 
     def answer_loss(self, batch: dict, split: str) -> torch.Tensor:
-        """The answer loss at the probe's level."""
+        """The answer loss at the probe's level (a training step draws one of the listed levels)."""
         levels = [int(v) for v in os.environ.get("AVGLAB_PROBE_LEVEL", "2").split(",")]
-        out = self.core(batch, level=random.choice(levels) if split == "train" else levels[0])
-        size = self.batch_size(batch)
-        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
-        self.log(f"{split}/visual_tokens_mean", out.visual_tokens.float().mean(), batch_size=size)
-        return out.loss
+        self.level = random.choice(levels) if split == "train" else levels[0]
+        return super().answer_loss(batch, split)

@@ -115,15 +115,12 @@ class ReadoutPretrainStage(PretrainStage):
         return F.cross_entropy(self.readout_head(pooled[scored]), targets[scored])
 
     def step_loss(self, batch: dict, split: str) -> torch.Tensor:
-        """Answer CE at the finest level plus the weighted read-out loss, both logged."""
-        out = self.core(batch, level=-1)
-        size = self.batch_size(batch)
-        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
-        self.log(f"{split}/visual_tokens_mean", out.visual_tokens.float().mean(), batch_size=size)
+        """Answer CE at the stage's level plus the weighted read-out loss, both logged."""
+        out = self.answer_output(batch, split)
         loss = out.loss
         readout = self.readout_loss(batch, out, split) if self.weight else None
         if readout is not None:
-            self.log(f"{split}/readout_loss", readout, batch_size=size)
+            self.log(f"{split}/readout_loss", readout, batch_size=self.batch_size(batch))
             loss = loss + self.weight * readout
         return loss
 

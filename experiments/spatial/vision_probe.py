@@ -31,7 +31,7 @@ from PIL import Image
 
 import avglab.training.build as build
 from avglab.core.weights import save_core
-from avglab.stages.context import context_targets
+from avglab.stages.context import blank_patches, context_targets
 
 if os.environ.get("AVGLAB_PROBE_POS"):
     import probe_run
@@ -105,12 +105,9 @@ def main() -> None:
         pixels = tiles[idx].flatten(0, 1)
         scored = 1.0
         if args.objective == "masked":  # blank patches, score only their tokens (as stages.context does)
-            grid = pixels.shape[-1] // vision.patch_size
-            scored = (torch.rand(len(pixels), grid * grid) < args.mask).float()
-            blank = scored.view(-1, 1, grid, grid).repeat_interleave(vision.patch_size, 2)
-            blank = blank.repeat_interleave(vision.patch_size, 3)
-            tokens = tower(pixels * (1 - blank), output_hidden_states=True).hidden_states[layer][:, 1:]
-            scored = scored.unsqueeze(-1)
+            blanked, hidden = blank_patches(pixels, vision.patch_size, args.mask)
+            tokens = tower(blanked, output_hidden_states=True).hidden_states[layer][:, 1:]
+            scored = hidden.unsqueeze(-1)
         else:
             tokens = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
         if args.objective == "object":  # each asked object's mean token names its shape (the scene's masks)

@@ -54,6 +54,23 @@ def context_targets(
     return windows.transpose(1, 2), (mask.transpose(1, 2) > 0.5).float()
 
 
+def blank_patches(pixels: torch.Tensor, patch: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixels`` with a random ``ratio`` of patches set to 0 (the normalised mean pixel), and which were.
+
+    Args:
+        pixels: (T, 3, S, S) normalised tiles.
+        patch: patch side P in pixels.
+        ratio: chance of each patch to be blanked.
+
+    Returns:
+        (T, 3, S, S) blanked tiles and a (T, grid*grid) 0/1 float mask of the blanked patches.
+    """
+    tiles, grid = pixels.shape[0], pixels.shape[-1] // patch
+    hidden = (torch.rand(tiles, grid * grid, device=pixels.device) < ratio).float()
+    blank = hidden.view(tiles, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    return pixels * (1 - blank), hidden
+
+
 class ContextPretrainStage(PretrainStage):
     """Stage 1 (Eq. 1) plus ``context_weight`` x the neighbourhood-painting loss on the vision tokens.
 
@@ -104,16 +121,10 @@ class ContextPretrainStage(PretrainStage):
         Returns:
             (T, grid*grid, D) tokens and a (T, grid*grid) 0/1 float mask of the blanked patches.
         """
-        tiles, grid = pixels.shape[0], pixels.shape[-1] // self.patch
-        hidden = (torch.rand(tiles, grid * grid, device=pixels.device) < self.mask_ratio).float()
-        blank = (
-            hidden.view(tiles, 1, grid, grid)
-            .repeat_interleave(self.patch, 2)
-            .repeat_interleave(self.patch, 3)
-        )
+        blanked, hidden = blank_patches(pixels, self.patch, self.mask_ratio)
         self._masked_pass = True  # not the model's own forward: _keep_tokens leaves it out
         try:
-            out = self.core.llava.model.vision_tower(pixels * (1 - blank), output_hidden_states=True)
+            out = self.core.llava.model.vision_tower(blanked, output_hidden_states=True)
         finally:
             self._masked_pass = False
         return self.patch_tokens(out), hidden

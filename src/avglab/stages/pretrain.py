@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from avglab.core.core_output import CoreOutput
 from avglab.core.model import AvgCore
 from avglab.stages.base import StageModule
 
@@ -35,13 +36,20 @@ class PretrainStage(StageModule):
             raise ValueError(wrong)
         self.level = -1 if granularity is None else granularities.index(granularity)
 
-    def answer_loss(self, batch: dict, split: str) -> torch.Tensor:
-        """Token-mean answer CE at the stage's level (the finest unless ``stage.granularity``), logged."""
+    def answer_output(self, batch: dict, split: str) -> CoreOutput:
+        """The core's forward at the stage's level (the finest unless ``stage.granularity``).
+
+        Its answer CE and mean visual token count are logged under ``<split>/``.
+        """
         out = self.core(batch, level=self.level)
         size = self.batch_size(batch)
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
         self.log(f"{split}/visual_tokens_mean", out.visual_tokens.float().mean(), batch_size=size)
-        return out.loss
+        return out
+
+    def answer_loss(self, batch: dict, split: str) -> torch.Tensor:
+        """Token-mean answer CE at the stage's level, logged."""
+        return self.answer_output(batch, split).loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.keep_in_graph(self.answer_loss(batch, "train"), batch)
