@@ -10,11 +10,13 @@ from stage_config import compose_stage
 from avglab.cli import CONFIG_DIR
 from avglab.data import spatial
 from avglab.run import run
+from avglab.tools.export import export_stage
 
 STAGES = sorted(p.stem for p in (Path(CONFIG_DIR) / "stage").glob("*.yaml"))
 OWN = {
-    "model": {"name", "text_init_range", "vision_position_init"},
+    "model": {"name", "text_init_range", "vision_position_init", "vision_stem"},
     "pretrain": {"batch_size", "granularity", "max_steps", "val_every"},
+    "instruct": {"max_steps", "val_every"},
 }
 
 
@@ -24,23 +26,24 @@ def composed(tmp_path: Path, stage: str, model: str) -> dict:
     )
     for key in OWN["model"]:
         cfg["model"].pop(key)
-    if stage == "pretrain":
-        for key in OWN["pretrain"]:
-            cfg["stage"].pop(key)
+    for key in OWN.get(stage, ()):
+        cfg["stage"].pop(key)
     return cfg
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_tiny_spatial_is_the_tiny_model_and_recipes_but_its_init_and_stage_1_length(tmp_path, stage):
+def test_tiny_spatial_is_the_tiny_model_and_recipes_but_its_tower_init_and_stage_lengths(tmp_path, stage):
     """A stage without a tiny_spatial recipe would fall back to the paper's settings and differ here."""
     assert composed(tmp_path, stage, "tiny_spatial") == composed(tmp_path, stage, "tiny")
     cfg = compose_stage(tmp_path, stage, "model=tiny_spatial")
     assert cfg.model.name == "tiny_spatial" and cfg.model.text_init_range == 0.1
-    assert cfg.model.vision_position_init == "sincos"
+    assert cfg.model.vision_position_init == "sincos" and cfg.model.vision_stem == "conv"
     if stage == "pretrain":
         tiny = compose_stage(tmp_path, stage, "model=tiny").stage
         assert cfg.stage.max_steps > tiny.max_steps
         assert cfg.stage.granularity == 32 and tiny.granularity is None  # the demo's stage 1: the finest
+    if stage == "instruct":
+        assert cfg.stage.max_steps > compose_stage(tmp_path, stage, "model=tiny").stage.max_steps
 
 
 def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
@@ -56,6 +59,8 @@ def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
         )
     )
     assert pretrain["val/loss"] > 0
+    with pytest.raises(ValueError, match="vision_stem=conv, which transformers' CLIP cannot load"):
+        export_stage(str(next(tmp_path.glob("runs/pretrain/model"))), tmp_path / "export")
     # stage 1 at 32 tokens per tile: a 64-px image's global view, its unpadded local half, a newline per row
     assert pretrain["val/visual_tokens_mean"] == 32 + 32 + 8
     instruct = run(compose_stage(tmp_path, "instruct", *common, "stage.max_steps=1", "stage.batch_size=4"))

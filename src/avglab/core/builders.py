@@ -7,6 +7,7 @@ import importlib.util
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
+from avglab.core.conv_stem import install_vision_stem
 from avglab.core.hub import from_hub
 from avglab.core.position_codes import init_vision_positions
 from avglab.core.transformers_names import enable_checkpointing
@@ -32,6 +33,7 @@ def tiny_llava(
     text_heads: int = 4,
     text_init_range: float = 0.02,
     vision_position_init: str = "clip",
+    vision_stem: str = "patch",
     seed: int = 0,
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
@@ -44,6 +46,8 @@ def tiny_llava(
     ``gradient_checkpointing`` act as for checkpoints (see :func:`configure_llava`).
     ``vision_position_init`` starts the tower's learned position embeddings from CLIP's random
     draw (``clip``) or from 2D sine-cosine codes (``sincos``, :mod:`avglab.core.position_codes`).
+    ``vision_stem`` is CLIP's linear patch map (``patch``) or a convolutional stem (``conv``,
+    :mod:`avglab.core.conv_stem`; avglab loads it, transformers alone does not).
 
     The special-token ids default to those of the word tokenizer
     (:func:`~avglab.data.tokenizer.build_word_tokenizer`); pass another tokenizer's own ids. They go
@@ -94,6 +98,7 @@ def tiny_llava(
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
     init_vision_positions(model.model.vision_tower, vision_position_init)
+    install_vision_stem(model.model.vision_tower, vision_stem)
     model.eval()
     return configure_llava(model, attn_implementation, gradient_checkpointing)
 

@@ -46,6 +46,8 @@ def write_tiny_checkpoint(
     Returns:
         ``folder``.
     """
+    if sizes.get("vision_stem", "patch") != "patch":
+        raise ValueError("a Hugging Face checkpoint folder needs CLIP's own patch map: vision_stem='patch'")
     folder = Path(folder)
     words = list(words) if words is not None else synth_vocabulary(SynthConfig())
     tokenizer = build_word_tokenizer(words, folder)

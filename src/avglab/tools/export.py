@@ -138,6 +138,7 @@ def export_stage(source: str, out: Path, overwrite: bool = False) -> Path:
     Raises:
         FileExistsError: ``out`` is not empty and ``overwrite`` is False.
         FileNotFoundError: the stage output has no ``config.yaml`` (nor ``../.hydra/config.yaml``).
+        ValueError: the model has a tower transformers cannot load (``model.vision_stem=conv``).
     """
     from avglab.training.build import build_core, saved_tokenizer
 
@@ -151,6 +152,11 @@ def export_stage(source: str, out: Path, overwrite: bool = False) -> Path:
     if config is None:
         raise FileNotFoundError(f"{folder}: no {CONFIG} (nor ../.hydra/{CONFIG}) to rebuild the model from")
     cfg = OmegaConf.load(config)
+    if cfg.model.get("vision_stem", "patch") != "patch":
+        raise ValueError(
+            f"{folder} was trained with model.vision_stem={cfg.model.vision_stem}, which transformers' CLIP "
+            "cannot load: use its stage output with avglab (stage.previous / init_from) instead of an export"
+        )
     tokenizer, image_processor, core = build_core(cfg, saved_tokenizer(cfg, folder))
     load_core(core, folder)
     return export_core(core, tokenizer, image_processor, cfg, out, source=str(folder.resolve()))

@@ -150,6 +150,7 @@ def build_llava(cfg: DictConfig, tokenizer):
             text_heads=m.get("text_heads", 4),
             text_init_range=m.get("text_init_range", 0.02),
             vision_position_init=m.get("vision_position_init", "clip"),
+            vision_stem=m.get("vision_stem", "patch"),
             seed=cfg.seed,
             attn_implementation=m.get("attn_implementation"),
             gradient_checkpointing=m.get("gradient_checkpointing", False),
