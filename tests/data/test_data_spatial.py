@@ -90,7 +90,7 @@ def test_written_files_are_llava_records_and_convert(written):
     assert len(train) == 12 and len(test) == 9
     for record in train:
         turns = record["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * len(turns[::2]) and 4 <= len(turns[::2]) <= 5
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(turns[::2]) and 4 <= len(turns[::2]) <= 6
         assert turns[0]["value"].startswith("<image>\n") and "<image>" not in "".join(
             t["value"] for t in turns[1:]
         )
@@ -112,6 +112,23 @@ def test_questions_per_kind_ask_about_other_objects_and_keep_the_test_split(writ
         assert sum(q.startswith("what shape") for q in asked[1]) == 2  # every scene has >= 2 objects
         assert set(asked[0]) < set(asked[1])
     assert (tmp_path / "test.json").read_bytes() == (written / "test.json").read_bytes()
+
+
+def test_extra_count_questions_ask_about_the_distractors_and_are_true():
+    """After the balanced count question the default asks a distractor shape's count, if the scene has one."""
+    asked = 0
+    for scene in scenes(200):
+        counted = scene.questions["count"][0]
+        extra = [(q, a) for kind, q, a in scene.more if kind == "count"]
+        distractors = {spatial.PLURALS[t.shape] for t in scene.things} - {counted.split()[2]}
+        assert len(extra) == min(1, len(distractors))  # questions_per_kind=2: one more, where there is one
+        for question, answer in extra:
+            plural, value = answer.split()
+            shape = next(s for s in SHAPES if spatial.PLURALS[s] == plural)
+            assert question != counted and question == f"how many {plural} are there?"
+            assert COUNT_WORDS.index(value) + 1 == sum(t.shape == shape for t in scene.things)
+            asked += 1
+    assert asked > 150
 
 
 def test_same_seed_same_set(written, tmp_path):
