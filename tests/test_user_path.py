@@ -3,7 +3,8 @@
 The path a researcher takes off the embedded default: ``python -m avglab.data.convert`` on their JSON
 (images of several sizes, multi-turn, text-only, bad records), then ``data=shards data.root=<out>``
 for pretrain, instruct, multigran, rglf, rglf_cached, focus and eval, and ``python -m avglab.tools.export``
-- once with ``model=tiny`` (its tokenizer built from the shards) and once with a checkpoint folder
+- with ``model=tiny`` (its tokenizer built from the shards), with ``model=tiny_spatial`` (the README's
+walk-through: the conv-stem tower, which export refuses) and with a checkpoint folder
 (``model=llava_next_vicuna_7b model.path=...``). Each config is composed exactly as the CLI composes
 it and handed to ``run``; one evaluation goes through ``python -m avglab`` itself.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from stage_config import compose_stage
 from transformers import LlavaNextForConditionalGeneration
 from userdata import user_llava_shards  # noqa: F401 - the session fixture
@@ -82,6 +84,12 @@ def tiny_walk(user_llava_shards, tmp_path_factory):  # noqa: F811 - the fixture 
 
 
 @pytest.fixture(scope="module")
+def tiny_spatial_walk(user_llava_shards, tmp_path_factory):  # noqa: F811
+    ws = tmp_path_factory.mktemp("user_tiny_spatial")
+    return ws, walk(ws, user_llava_shards.root, ["model=tiny_spatial"])
+
+
+@pytest.fixture(scope="module")
 def checkpoint_walk(user_llava_shards, tmp_path_factory):  # noqa: F811
     ws = tmp_path_factory.mktemp("user_ckpt")
     urls = {s: sorted(str(p) for p in user_llava_shards.root.glob(f"{s}-*.tar")) for s in ("train", "test")}
@@ -118,6 +126,17 @@ def test_tiny_model_walks_every_stage_on_the_users_shards(tiny_walk, user_llava_
     assert results["eval"]["unknown_tokens"] == {"tokens": 0, "samples": 0}
     stage_output = Path(json.loads((ws / "stages" / "rglf.json").read_text())["path"])
     assert (stage_output / "tokenizer.json").exists()  # later stages and exports keep these word ids
+
+
+def test_tiny_spatial_model_walks_every_stage_on_the_users_shards(tiny_spatial_walk, user_llava_shards):  # noqa: F811
+    """The README's own-data commands: every stage output holds (and the next loads) the conv-stem tower."""
+    ws, results = tiny_spatial_walk
+    check_walk(ws, results, user_llava_shards.converted["test"])
+    stage_output = Path(json.loads((ws / "stages" / "rglf.json").read_text())["path"])
+    weights = load_file(str(stage_output / "core.safetensors"))
+    assert any(".embeddings.patch_embedding.layers." in key for key in weights)
+    with pytest.raises(ValueError, match="vision_stem=conv"):
+        export_main([str(stage_output), str(ws / "export")])
 
 
 def test_checkpoint_model_walks_every_stage_on_the_users_shards(checkpoint_walk, user_llava_shards):  # noqa: F811
