@@ -5,7 +5,7 @@ with one linear map per patch, so a randomly initialised tower has to build ever
 angle, a corner, a curve across two patches) in its attention layers from the answer loss alone, and the
 tiny one does not do so within a laptop budget. A few 3x3 stride-2 convolutions in place of that map see
 across patch borders and compute local edge features before the first attention layer: on the spatial set,
-through the same stages, shape answers go from 84.5% to 100% (experiments/spatial/README.md).
+through the same stages, shape answers go from 74.5-88.0% to 99.5-100% (experiments/spatial/README.md).
 
 The stem keeps the patch grid and the width, so tokens, granularities and position codes are as before.
 It is not part of transformers' CLIP: avglab saves and loads a model with it (stage outputs, ``init_from``),
