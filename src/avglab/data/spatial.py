@@ -106,8 +106,8 @@ class SpatialConfig:
         gap: free pixels between two objects' boxes.
         min_separation: the least distance of the two centres along the asked axis (position).
         kinds: question kinds asked (training dialogues ask each, in random order).
-        questions_per_kind: questions of each kind per training dialogue where the scene has them (shape: distinct
-            objects, position: ordered pairs, count: the distractors' shapes too); more answers per vision pass.
+        questions_per_kind: questions of each kind per training dialogue, where the scene has them (shape:
+            distinct objects, position: ordered pairs, count: distractor shapes too); more answers per image.
         image_sizes: (height, width) choices.
         answer_style: ``named`` answers say what they are about, then the value, with the value right after
             the question's key word(s): "red circle", "circles three", "red blue left"; ``bare`` answers are
