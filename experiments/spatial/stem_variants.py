@@ -2,7 +2,7 @@
 
 ``AVGLAB_STEM=<kernel>:<norm>[:hybrid][:zero]`` replaces the freshly built tower's patch map (run it with
 ``model.vision_stem=patch``) by three stride-2 convolutions of width 16, 32, 64 and a 1x1, as
-``avglab.core.conv_stem`` builds them, but with kernel 2 (inside each patch), 3 (the committed stem) or 4
+``avglab.core.conv_stem.ConvStem`` builds them, with kernel 2 (inside each patch), 3 (the committed stem) or 4
 (centred on the patch), ``group`` or ``none`` normalisation; ``hybrid`` adds CLIP's patch map to it, ``zero``
 starts its last convolution at zero. Stage outputs load over it (run every stage through this script).
 
@@ -16,37 +16,22 @@ import torch
 from torch import nn
 
 import avglab.training.build as build
+from avglab.core.conv_stem import ConvStem
 
-PADDING = {2: 0, 3: 1, 4: 1}  # kernel -> padding that keeps the 8x8 grid
 
+class StemVariant(ConvStem):
+    """``ConvStem`` with a chosen kernel and normalisation, plus CLIP's patch map when ``linear`` is given."""
 
-class StemVariant(nn.Module):
-    """The stem with the chosen kernel and normalisation; plus CLIP's patch map when ``linear`` is given."""
-
-    def __init__(self, width: int, kernel: int, norm: str, linear: nn.Module | None, zero: bool):
-        super().__init__()
-        layers, channels = [], 3
-        for out in (width // 4, width // 2, width):
-            layers.append(
-                nn.Conv2d(channels, out, kernel, stride=2, padding=PADDING[kernel], bias=norm == "none")
-            )
-            layers += [nn.GroupNorm(1, out)] if norm == "group" else []
-            layers.append(nn.GELU())
-            channels = out
-        layers.append(nn.Conv2d(channels, width, 1))
+    def __init__(self, patch: int, width: int, kernel: int, norm: str, linear: nn.Module | None, zero: bool):
+        super().__init__(patch, width, kernel=kernel, norm=norm == "group")
         if zero:
-            nn.init.zeros_(layers[-1].weight)
-            nn.init.zeros_(layers[-1].bias)
-        self.layers, self.linear = nn.Sequential(*layers), linear
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """CLIP's embeddings read ``patch_embedding.weight.dtype``."""
-        return self.layers[-1].weight
+            nn.init.zeros_(self.layers[-1].weight)
+            nn.init.zeros_(self.layers[-1].bias)
+        self.linear = linear
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, width, H / 8, W / 8)."""
-        out = self.layers(pixel_values)
+        """(B, 3, H, W) -> (B, width, H / patch, W / patch)."""
+        out = super().forward(pixel_values)
         return out if self.linear is None else out + self.linear(pixel_values)
 
 
@@ -58,7 +43,9 @@ def patched(*args, **kwargs):
     if not isinstance(embeddings.patch_embedding, nn.Conv2d):
         raise ValueError("AVGLAB_STEM replaces CLIP's patch map: run with model.vision_stem=patch")
     linear = embeddings.patch_embedding if "hybrid" in flags else None
-    embeddings.patch_embedding = StemVariant(embeddings.embed_dim, int(kernel), norm, linear, "zero" in flags)
+    embeddings.patch_embedding = StemVariant(
+        embeddings.patch_size, embeddings.embed_dim, int(kernel), norm, linear, "zero" in flags
+    )
     return model
 
 

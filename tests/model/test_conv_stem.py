@@ -27,6 +27,10 @@ def test_the_conv_stem_keeps_the_patch_grid_and_width():
     widths = [m.out_channels for m in stem.layers if isinstance(m, torch.nn.Conv2d)]
     assert widths == [16, 32, 64, 64]  # doubling up to the width, then the 1x1
     assert stem(torch.zeros(2, 3, 64, 64)).shape == (2, 64, 8, 8)  # CLIP's patch map: (B, width, grid, grid)
+    for kernel in (2, 4):  # the study's variants: inside each patch, centred on it; same grid
+        variant = ConvStem(patch_size=8, width=64, kernel=kernel, norm=False)
+        assert variant(torch.zeros(1, 3, 64, 64)).shape == (1, 64, 8, 8)
+        assert not any(isinstance(m, torch.nn.GroupNorm) for m in variant.layers)
     with pytest.raises(ValueError, match="power-of-two model.patch_size, got 6"):
         ConvStem(patch_size=6, width=64)
 

@@ -28,9 +28,11 @@ class ConvStem(nn.Module):
     Args:
         patch_size: the tower's patch side, a power of two (one stride-2 convolution per halving).
         width: the tower's hidden size.
+        kernel: the convolutions' side (3; the study also measured 2, inside each patch, and 4).
+        norm: GroupNorm after each convolution (without it the convolutions get biases).
     """
 
-    def __init__(self, patch_size: int, width: int, in_channels: int = 3):
+    def __init__(self, patch_size: int, width: int, in_channels: int = 3, kernel: int = 3, norm: bool = True):
         super().__init__()
         halvings = patch_size.bit_length() - 1
         if patch_size < 2 or 1 << halvings != patch_size:
@@ -41,8 +43,10 @@ class ConvStem(nn.Module):
         channels = in_channels
         for i in reversed(range(halvings)):
             out = max(width >> i, 1)
-            conv = nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False)
-            layers += [conv, nn.GroupNorm(1, out), nn.GELU()]
+            layers.append(
+                nn.Conv2d(channels, out, kernel, stride=2, padding=(kernel - 1) // 2, bias=not norm)
+            )
+            layers += [nn.GroupNorm(1, out), nn.GELU()] if norm else [nn.GELU()]
             channels = out
         layers.append(nn.Conv2d(channels, width, 1))
         self.layers = nn.Sequential(*layers)
