@@ -150,6 +150,26 @@ def test_image_content_matches_record():
         assert sample["json"]["answers"] == [scene[expected]]
 
 
+def test_training_dialogues_ask_more_kinds_without_changing_the_set():
+    kinds = ["background_color", "shape", "shape_color", "marker_color"]
+    one, four = SynthConfig(question_kinds=kinds), SynthConfig(question_kinds=kinds, train_questions=4)
+    answer_of = {"background_color": "background", "shape": "shape"}
+    text_of = {q.text: q.kind for q in synth.QUESTIONS}
+    for index in range(6):
+        single, dense = make_sample(one, "train", index), make_sample(four, "train", index)
+        assert dense["png"] == single["png"]  # the same image and first turn as the one-question set
+        turns = dense["json"]["conversations"]
+        assert turns[:2] == single["json"]["conversations"] and len(turns) == 8
+        scene = dense["json"]["synth"]
+        asked = [text_of[t["value"].removeprefix("<image>\n")] for t in turns[::2]]
+        assert sorted(asked) == sorted(kinds)  # every kind once
+        for kind, reply in zip(asked, turns[1::2], strict=True):
+            assert reply["value"] == scene[answer_of.get(kind, kind)]
+    assert make_sample(four, "test", 0)["json"]["conversations"] == make_sample(one, "test", 0)["json"][
+        "conversations"
+    ]  # val and test ask one question each
+
+
 def test_vocabulary_covers_every_record(synth_cfg, synth_urls, tokenizer):
     vocab = set(synth_vocabulary(synth_cfg))
     assert {"what", "color", "flat", "bar", "square", "assistant", "user", "?", ":"} <= vocab
@@ -171,3 +191,5 @@ def test_bad_config_is_rejected_with_the_key_to_fix():
         SynthConfig(marker_size=9)
     with pytest.raises(ValueError, match="patch_size"):
         SynthConfig(patch_size=12)
+    with pytest.raises(ValueError, match="train_questions"):
+        SynthConfig(train_questions=4)  # three question kinds by default

@@ -57,6 +57,10 @@ class SynthConfig:
             the indices); the default 1/3 asks each of the three default question kinds equally.
         train_gaze_fraction: the same for the train split (None: ``gaze_fraction``). The default
             0.5 oversamples the bar question, which the tiny model learns slowest.
+        train_questions: questions each training dialogue asks about its image, each a turn of
+            its own: the first drawn as above, the rest other kinds of ``question_kinds`` in a random
+            order (at most one per kind). Val and test records ask one. The default 1 is the demo's
+            set; more answers per image is what lets the tiny model learn the big shape's kind.
         samples_per_shard: samples per tar shard (keep >= 1 shard per rank and worker).
         colors: colour name -> RGB.
         background_palette, shape_palette, marker_palette: colour names each part draws from;
@@ -81,6 +85,7 @@ class SynthConfig:
     shape_fraction: float = 0.7
     gaze_fraction: float = 1 / 3
     train_gaze_fraction: float | None = 0.5
+    train_questions: int = 1
     samples_per_shard: int = 50
     colors: dict[str, list[int]] = field(default_factory=lambda: {k: list(v) for k, v in COLORS.items()})
     background_palette: list[str] = field(default_factory=lambda: list(COLORS))
@@ -108,6 +113,11 @@ class SynthConfig:
         if not 1 <= self.marker_size <= self.patch_size:
             problems.append(
                 f"marker_size must be in [1, patch_size={self.patch_size}], got {self.marker_size}"
+            )
+        if not 1 <= self.train_questions <= len(self.question_kinds):
+            problems.append(
+                f"train_questions must be in [1, len(question_kinds)={len(self.question_kinds)}], "
+                f"got {self.train_questions}"
             )
         if self.samples_per_shard < 1:
             problems.append("samples_per_shard must be >= 1")

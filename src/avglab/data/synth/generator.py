@@ -29,8 +29,8 @@ import webdataset as wds
 from tokenizers import normalizers, pre_tokenizers
 
 from avglab.data.shardset import describe_shard, write_split_manifest
-from avglab.data.synth.config import GENERATOR_VERSION, QUESTIONS, SPLITS, SynthConfig
-from avglab.data.synth.scene import draw_scene, sample_scene
+from avglab.data.synth.config import GENERATOR_VERSION, QUESTIONS, SPLITS, Question, SynthConfig
+from avglab.data.synth.scene import Scene, draw_scene, sample_scene
 from avglab.data.templates import get_template
 from avglab.data.tokenizer import SPECIAL_TOKENS
 
@@ -47,12 +47,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> dict:
     question_type = "gaze" if is_gaze else "glance"
     asked = [q for q in QUESTIONS if q.question_type == question_type and q.kind in cfg.question_kinds]
     question = rng.choice(asked)
-    answer = {
-        "background_color": scene.background,
-        "shape": scene.shape,
-        "shape_color": scene.shape_color,
-        "marker_color": scene.marker_color,
-    }[question.kind]
+    answer = _answer(scene, question.kind)
     key = f"synth-{split}-{index:06d}"
     record = {
         "id": key,
@@ -60,6 +55,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> dict:
         "conversations": [
             {"from": "human", "value": f"<image>\n{question.text}"},
             {"from": "gpt", "value": answer},
+            *(_more_turns(rng, cfg, scene, question) if split == "train" else []),
         ],
         "question_type": question_type,
         "answers": [answer],
@@ -68,6 +64,33 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> dict:
     buffer = io.BytesIO()
     draw_scene(scene, cfg).save(buffer, format="PNG")
     return {"__key__": key, "png": buffer.getvalue(), "json": record}
+
+
+def _answer(scene: Scene, kind: str) -> str:
+    """The true answer to a question of ``kind`` about ``scene``."""
+    return {
+        "background_color": scene.background,
+        "shape": scene.shape,
+        "shape_color": scene.shape_color,
+        "marker_color": scene.marker_color,
+    }[kind]
+
+
+def _more_turns(rng: random.Random, cfg: SynthConfig, scene: Scene, first: Question) -> list[dict]:
+    """``cfg.train_questions - 1`` further turns about other kinds, drawn after everything else.
+
+    Drawn last from ``rng``, so the image and the first question stay those of a one-question set.
+    """
+    if cfg.train_questions == 1:
+        return []
+    others = [q for q in QUESTIONS if q.kind in cfg.question_kinds and q.kind != first.kind]
+    turns = []
+    for question in rng.sample(others, cfg.train_questions - 1):
+        turns += [
+            {"from": "human", "value": question.text},
+            {"from": "gpt", "value": _answer(scene, question.kind)},
+        ]
+    return turns
 
 
 def write_split(cfg: SynthConfig, split: str, count: int, folder: Path) -> dict:
