@@ -165,9 +165,10 @@ def test_training_dialogues_ask_more_kinds_without_changing_the_set():
         assert sorted(asked) == sorted(kinds)  # every kind once
         for kind, reply in zip(asked, turns[1::2], strict=True):
             assert reply["value"] == scene[answer_of.get(kind, kind)]
-    assert make_sample(four, "test", 0)["json"]["conversations"] == make_sample(one, "test", 0)["json"][
-        "conversations"
-    ]  # val and test ask one question each
+    assert (
+        make_sample(four, "test", 0)["json"]["conversations"]
+        == make_sample(one, "test", 0)["json"]["conversations"]
+    )  # val and test ask one question each
 
 
 def test_vocabulary_covers_every_record(synth_cfg, synth_urls, tokenizer):
