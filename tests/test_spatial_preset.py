@@ -1,11 +1,12 @@
 """``model=tiny_spatial``: the tiny model set up for the spatial set, and the walk-through it is used in."""
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from stage_config import compose_stage
+from stage_config import SMALL_SYNTH, compose_stage
 
 from avglab.cli import CONFIG_DIR
 from avglab.data import spatial
@@ -83,6 +84,25 @@ def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
     assert len(predictions) == 6 and all(
         len(p["answers"][0].split()) >= 2 for p in predictions
     )  # named answers
+
+
+def test_the_embedded_shape_question_trains_on_dialogues_that_ask_every_kind(tmp_path):
+    """The study's embedded-set command: ``shape`` asked, each training dialogue asking all four kinds."""
+    kinds = "data.synth.question_kinds=[background_color,shape,shape_color,marker_color]"
+    common = ["model=tiny_spatial", kinds, "data.synth.train_questions=4", *SMALL_SYNTH]
+    pretrain = run(
+        compose_stage(
+            tmp_path, "pretrain", *common, "stage.max_steps=2", "stage.val_every=2", "stage.batch_size=4"
+        )
+    )
+    assert pretrain["val/loss"] > 0
+    (shards,) = tmp_path.glob("data/synth-*/train-00000.tar")
+    with tarfile.open(shards) as tar:
+        records = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert records and all(len(r["conversations"]) == 8 for r in records)
+    assert sum(
+        "what shape is the big object?" in t["value"] for r in records for t in r["conversations"]
+    ) == len(records)
 
 
 def test_the_masked_context_objective_runs_as_the_study_invokes_it(tmp_path):
