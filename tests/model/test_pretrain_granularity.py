@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from stage_config import compose_config
 from tiny_batches import LEVELS
@@ -33,3 +34,23 @@ def test_a_granularity_the_scaler_lacks_is_refused_with_the_allowed_ones(llava):
         ValueError, match=rf"stage.granularity=3: train at one of router.granularities {allowed}"
     ):
         stage_with(llava, 3)
+
+
+def test_a_list_of_granularities_is_taken_in_turn_and_validated_at_its_finest(llava, batch, monkeypatch):
+    mixed = stage_with(llava, [LEVELS[1], LEVELS[-1]])
+    tokens = {level: mixed.core(batch, level=level).visual_tokens for level in (1, len(LEVELS) - 1)}
+    assert not torch.equal(tokens[1], tokens[len(LEVELS) - 1])
+    seen = []
+    monkeypatch.setattr(mixed, "log", lambda name, value, **_: seen.append((name, value.item())))
+    for step in range(4):
+        monkeypatch.setattr(PretrainStage, "global_step", property(lambda self, step=step: step))
+        mixed.answer_output(batch, "train")
+    mixed.answer_output(batch, "val")
+    means = [value for name, value in seen if name.endswith("visual_tokens_mean")]
+    coarse, fine = (tokens[level].float().mean().item() for level in (1, len(LEVELS) - 1))
+    assert means == [coarse, fine, coarse, fine, fine]
+
+
+def test_a_list_with_a_granularity_the_scaler_lacks_is_refused(llava):
+    with pytest.raises(ValueError, match=r"stage.granularity=\[.*3\]: train at one of"):
+        stage_with(llava, [LEVELS[1], 3])

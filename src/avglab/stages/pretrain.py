@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from omegaconf import DictConfig
 
@@ -10,13 +12,19 @@ from avglab.core.model import AvgCore
 from avglab.stages.base import StageModule
 
 
-def granularity_error(granularity: int | None, granularities: list[int]) -> str | None:
-    """What is wrong with ``stage.granularity`` (None: nothing): null or one of the scaler's granularities."""
-    if granularity is None or granularity in granularities:
+def listed(granularity) -> list:
+    """``stage.granularity`` as a list: ``[None]`` (the finest), ``[g]``, or the list given."""
+    return list(granularity) if isinstance(granularity, Sequence) else [granularity]
+
+
+def granularity_error(granularity, granularities: list[int]) -> str | None:
+    """What is wrong with ``stage.granularity`` (None: nothing): null, a scaler's granularity, or a list."""
+    chosen = listed(granularity)
+    if granularity is None or (chosen and all(g in granularities for g in chosen)):
         return None
     return (
         f"stage.granularity={granularity}: train at one of router.granularities {granularities} "
-        "(tokens per tile), or null for the finest"
+        "(tokens per tile), a list of them (taken in turn, step by step), or null for the finest"
     )
 
 
@@ -26,7 +34,8 @@ class PretrainStage(StageModule):
     Every visual token by default (the paper). ``stage.granularity`` (tokens per tile, one of the
     scaler's) feeds every step the scaler's pooled tokens at that granularity instead: a tiny tower
     trained from random weights learns what several patches show together sooner that way
-    (experiments/spatial/README.md). Stage 2 trains the finest level, stage 3 every level.
+    (experiments/spatial/README.md). A list of granularities takes them in turn, one per optimizer
+    step, and validates at the finest of them. Stage 2 trains the finest level, stage 3 every level.
     """
 
     def __init__(self, core: AvgCore, stage: DictConfig):
@@ -34,14 +43,16 @@ class PretrainStage(StageModule):
         granularities, granularity = list(core.scaler.granularities), stage.get("granularity")
         if wrong := granularity_error(granularity, granularities):
             raise ValueError(wrong)
-        self.level = -1 if granularity is None else granularities.index(granularity)
+        self.levels = [-1 if g is None else granularities.index(g) for g in listed(granularity)]
+        self.level = max(self.levels, key=lambda level: level % len(granularities))  # validation: the finest
 
     def answer_output(self, batch: dict, split: str) -> CoreOutput:
-        """The core's forward at the stage's level (the finest unless ``stage.granularity``).
+        """The core's forward at the stage's level for this step (the finest unless ``stage.granularity``).
 
         Its answer CE and mean visual token count are logged under ``<split>/``.
         """
-        out = self.core(batch, level=self.level)
+        level = self.levels[self.global_step % len(self.levels)] if split == "train" else self.level
+        out = self.core(batch, level=level)
         size = self.batch_size(batch)
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
         self.log(f"{split}/visual_tokens_mean", out.visual_tokens.float().mean(), batch_size=size)
