@@ -12,12 +12,12 @@ from avglab.core.model import AvgCore
 from avglab.stages.base import StageModule
 
 
-def listed(granularity) -> list:
+def listed(granularity: int | Sequence[int] | None) -> list:
     """``stage.granularity`` as a list: ``[None]`` (the finest), ``[g]``, or the list given."""
     return list(granularity) if isinstance(granularity, Sequence) else [granularity]
 
 
-def granularity_error(granularity, granularities: list[int]) -> str | None:
+def granularity_error(granularity: int | Sequence[int] | None, granularities: list[int]) -> str | None:
     """What is wrong with ``stage.granularity`` (None: nothing): null, a scaler's granularity, or a list."""
     chosen = listed(granularity)
     if granularity is None or (chosen and all(g in granularities for g in chosen)):
