@@ -175,6 +175,7 @@ def write_user_llava(
     n_test: int = 16,
     bad: bool = True,
     fmt: str = "json",
+    every_question: bool = False,
 ) -> UserLlava:
     """Writes a small LLaVA data set the way users hold one; everything follows from ``seed``.
 
@@ -196,6 +197,8 @@ def write_user_llava(
         n_test: held-out evaluation records.
         bad: add the bad training records.
         fmt: ``json`` (a JSON list, LLaVA's format) or ``jsonl`` (JSON lines).
+        every_question: every training and validation record with an image asks all of its image's
+            questions, in a random order (a denser set: four answers per image instead of ~1.4).
 
     Returns:
         The written files and what the converter must make of them.
@@ -204,7 +207,7 @@ def write_user_llava(
     images = folder / "images"
     rng = random.Random(seed)
     writer = _ImageWriter(images, rng)
-    train = [_training_record(f"train-{i:05d}", i, rng, writer) for i in range(n_train)]
+    train = [_training_record(f"train-{i:05d}", i, rng, writer, every_question) for i in range(n_train)]
     skips: dict[str, dict[str, str]] = {"train": {}, "test": {}}
     if bad:
         for k, record in enumerate(_bad_records(rng, writer)):
@@ -212,7 +215,9 @@ def write_user_llava(
         skips["train"] = dict(BAD_RECORDS)
     records = {"train": train}
     if n_val:
-        records["val"] = [_training_record(f"val-{i:05d}", i, rng, writer) for i in range(n_val)]
+        records["val"] = [
+            _training_record(f"val-{i:05d}", i, rng, writer, every_question) for i in range(n_val)
+        ]
         skips["val"] = {}
     records["test"] = [_eval_record(f"test-{i:05d}", i, rng, writer) for i in range(n_test)]
     sources = {split: write_records(folder / f"{split}.{fmt}", rows, fmt) for split, rows in records.items()}
@@ -329,11 +334,12 @@ def _dialogue(exchanges: list[tuple[str, str]]) -> list[dict]:
     ]
 
 
-def _training_record(rid: str, i: int, rng: random.Random, writer: _ImageWriter) -> dict:
+def _training_record(rid: str, i: int, rng: random.Random, writer: _ImageWriter, every: bool = False) -> dict:
     if i % 10 == 9:  # text only: no "image" key, no placeholder
         return {"id": rid, "conversations": _dialogue(rng.sample(FACTS, 1 + (i % 20 == 19)))}
     scene = writer.scene()
-    exchanges = rng.sample(scene.questions(), 2 + i % 2 if i % 3 == 1 else 1)
+    asked = len(scene.questions()) if every else 2 + i % 2 if i % 3 == 1 else 1
+    exchanges = rng.sample(scene.questions(), asked)
     exchanges[0] = (_with_placeholder(exchanges[0][0], rng), exchanges[0][1])
     return {"id": rid, "image": writer.write(scene), "conversations": _dialogue(exchanges)}
 

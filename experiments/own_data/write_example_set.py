@@ -23,8 +23,18 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=64, help="validation records")
     parser.add_argument("--test", type=int, default=200, help="evaluation records")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--every-question", action="store_true", help="each training image asks all four of its questions"
+    )
     args = parser.parse_args()
-    raw = write_user_llava(args.out, seed=args.seed, n_train=args.train, n_val=args.val, n_test=args.test)
+    raw = write_user_llava(
+        args.out,
+        seed=args.seed,
+        n_train=args.train,
+        n_val=args.val,
+        n_test=args.test,
+        every_question=args.every_question,
+    )
     print(f"wrote {', '.join(f'{s}: {p}' for s, p in raw.sources.items())}; images under {raw.images}")
 
 

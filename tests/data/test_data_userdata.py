@@ -70,3 +70,13 @@ def test_the_training_loader_reads_every_converted_sample(user_llava_shards, tok
     loaders = {"train": dm.train_dataloader(), "val": dm.val_dataloader(), "test": dm.test_dataloader()}
     read = {split: sum(len(b["ids"]) for b in loader) for split, loader in loaders.items()}
     assert read == user_llava_shards.converted and not dm.skipped
+
+
+def test_the_denser_example_set_asks_every_question_of_each_training_image(tmp_path):
+    raw = write_user_llava(tmp_path, n_train=20, n_val=4, n_test=4, bad=False, every_question=True)
+    for split in ("train", "val"):
+        with_image = [r for r in raw.records[split] if "image" in r]
+        assert with_image
+        for record in with_image:
+            asked = [t["value"].replace("<image>", "").strip() for t in record["conversations"][::2]]
+            assert len(asked) == 4 and "What shape is in the image?" in asked
