@@ -103,6 +103,20 @@ def test_the_embedded_shape_question_trains_on_dialogues_that_ask_every_kind(tmp
     assert sum(
         "what shape is the big object?" in t["value"] for r in records for t in r["conversations"]
     ) == len(records)
+    run(compose_stage(tmp_path, "instruct", *common, "stage.max_steps=1", "stage.batch_size=4"))
+    scored = run(
+        compose_stage(
+            tmp_path,
+            "eval",
+            *common,
+            "stage.previous=instruct",
+            "router=none",
+            "stage.compare_fixed=false",
+            "stage.latency_samples=0",
+            "stage.max_new_tokens=4",
+        )
+    )
+    assert scored["samples"] == 6 and set(scored["accuracy_by_type"]) <= {"glance", "gaze"}
 
 
 def test_the_masked_context_objective_runs_as_the_study_invokes_it(tmp_path):

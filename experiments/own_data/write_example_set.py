@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=200, help="evaluation records")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--every-question", action="store_true", help="each training image asks all four of its questions"
+        "--every-question",
+        action="store_true",
+        help="ask each training and validation image all four of its questions",
     )
     args = parser.parse_args()
     raw = write_user_llava(
