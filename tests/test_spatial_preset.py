@@ -32,6 +32,13 @@ def composed(tmp_path: Path, stage: str, model: str) -> dict:
     return cfg
 
 
+def evaluate_at_finest(workspace: Path, *overrides: str) -> dict:
+    """The README's eval of stage 2's output at the finest level, without the fixed levels or timing."""
+    fixed = ["stage.compare_fixed=false", "stage.latency_samples=0", "stage.max_new_tokens=4"]
+    eval_cfg = compose_stage(workspace, "eval", *overrides, "stage.previous=instruct", "router=none", *fixed)
+    return run(eval_cfg)
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_tiny_spatial_is_the_tiny_model_and_recipes_but_its_tower_init_and_stage_lengths(tmp_path, stage):
     """A stage without a tiny_spatial recipe would fall back to the paper's settings and differ here."""
@@ -66,19 +73,7 @@ def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
     assert pretrain["val/visual_tokens_mean"] == 32 + 32 + 8
     instruct = run(compose_stage(tmp_path, "instruct", *common, "stage.max_steps=1", "stage.batch_size=4"))
     assert instruct["train/visual_tokens_mean"] == 64 + 64 + 8  # stage 2 trains the finest level
-    scored = run(
-        compose_stage(
-            tmp_path,
-            "eval",
-            *common,
-            "stage.previous=instruct",
-            "router=none",
-            "stage.compare_fixed=false",
-            "stage.latency_samples=0",
-            "data.eval_batch_size=4",
-            "stage.max_new_tokens=4",
-        )
-    )
+    scored = evaluate_at_finest(tmp_path, *common, "data.eval_batch_size=4")
     assert scored["samples"] == 6 and set(scored["accuracy_by_type"]) == set(spatial.KINDS)
     predictions = [json.loads(line) for line in next(tmp_path.glob("runs/eval/predictions.jsonl")).open()]
     assert len(predictions) == 6 and all(
@@ -104,18 +99,7 @@ def test_the_embedded_shape_question_trains_on_dialogues_that_ask_every_kind(tmp
         "what shape is the big object?" in t["value"] for r in records for t in r["conversations"]
     ) == len(records)
     run(compose_stage(tmp_path, "instruct", *common, "stage.max_steps=1", "stage.batch_size=4"))
-    scored = run(
-        compose_stage(
-            tmp_path,
-            "eval",
-            *common,
-            "stage.previous=instruct",
-            "router=none",
-            "stage.compare_fixed=false",
-            "stage.latency_samples=0",
-            "stage.max_new_tokens=4",
-        )
-    )
+    scored = evaluate_at_finest(tmp_path, *common)
     assert scored["samples"] == 6 and set(scored["accuracy_by_type"]) <= {"glance", "gaze"}
 
 
