@@ -334,12 +334,16 @@ def _dialogue(exchanges: list[tuple[str, str]]) -> list[dict]:
     ]
 
 
-def _training_record(rid: str, i: int, rng: random.Random, writer: _ImageWriter, every: bool = False) -> dict:
+def _training_record(rid: str, i: int, rng: random.Random, writer: _ImageWriter, every: bool) -> dict:
     if i % 10 == 9:  # text only: no "image" key, no placeholder
         return {"id": rid, "conversations": _dialogue(rng.sample(FACTS, 1 + (i % 20 == 19)))}
     scene = writer.scene()
-    asked = len(scene.questions()) if every else 2 + i % 2 if i % 3 == 1 else 1
-    exchanges = rng.sample(scene.questions(), asked)
+    questions = scene.questions()
+    if every:
+        asked = len(questions)
+    else:
+        asked = 2 + i % 2 if i % 3 == 1 else 1  # every third record a dialogue of 2-3 exchanges
+    exchanges = rng.sample(questions, asked)
     exchanges[0] = (_with_placeholder(exchanges[0][0], rng), exchanges[0][1])
     return {"id": rid, "image": writer.write(scene), "conversations": _dialogue(exchanges)}
 

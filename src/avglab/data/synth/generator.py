@@ -81,8 +81,6 @@ def _more_turns(rng: random.Random, cfg: SynthConfig, scene: Scene, first: Quest
 
     Drawn last from ``rng``, so the image and the first question stay those of a one-question set.
     """
-    if cfg.train_questions == 1:
-        return []
     others = [q for q in QUESTIONS if q.kind in cfg.question_kinds and q.kind != first.kind]
     turns = []
     for question in rng.sample(others, cfg.train_questions - 1):
