@@ -16,7 +16,7 @@ from avglab.tools.export import export_stage
 STAGES = sorted(p.stem for p in (Path(CONFIG_DIR) / "stage").glob("*.yaml"))
 OWN = {
     "model": {"name", "text_init_range", "vision_position_init", "vision_stem"},
-    "pretrain": {"batch_size", "granularity", "max_steps", "val_every"},
+    "pretrain": {"batch_size", "granularity", "finest_steps", "max_steps", "val_every"},
     "instruct": {"max_steps", "val_every"},
 }
 
@@ -50,6 +50,7 @@ def test_tiny_spatial_is_the_tiny_model_and_recipes_but_its_tower_init_and_stage
         tiny = compose_stage(tmp_path, stage, "model=tiny").stage
         assert cfg.stage.max_steps > tiny.max_steps
         assert cfg.stage.granularity == 32 and tiny.granularity is None  # the demo's stage 1: the finest
+        assert 0 < cfg.stage.finest_steps < cfg.stage.max_steps and tiny.finest_steps == 0
     if stage == "instruct":
         assert cfg.stage.max_steps > compose_stage(tmp_path, stage, "model=tiny").stage.max_steps
 
@@ -67,6 +68,7 @@ def test_the_spatial_walkthrough_trains_and_scores_every_kind(tmp_path):
         )
     )
     assert pretrain["val/loss"] > 0
+    assert pretrain["train/visual_tokens_mean"] == 64 + 64 + 8  # its first steps train the finest level
     with pytest.raises(ValueError, match="vision_stem=conv, which transformers' CLIP cannot load"):
         export_stage(str(next(tmp_path.glob("runs/pretrain/model"))), tmp_path / "export")
     # stage 1 at 32 tokens per tile: a 64-px image's global view, its unpadded local half, a newline per row

@@ -35,7 +35,9 @@ class PretrainStage(StageModule):
     scaler's) feeds every step the scaler's pooled tokens at that granularity instead: a tiny tower
     trained from random weights learns what several patches show together sooner that way
     (experiments/spatial/README.md). A list of granularities takes them in turn, one per optimizer
-    step, and validates at the finest of them. Stage 2 trains the finest level, stage 3 every level.
+    step, and validates at the finest of them. ``stage.finest_steps`` trains the first that many steps at
+    the finest level before ``stage.granularity`` takes over. Stage 2 trains the finest level, stage 3
+    every level.
     """
 
     def __init__(self, core: AvgCore, stage: DictConfig):
@@ -45,13 +47,22 @@ class PretrainStage(StageModule):
             raise ValueError(wrong)
         self.levels = [-1 if g is None else granularities.index(g) for g in listed(granularity)]
         self.level = max(self.levels, key=lambda level: level % len(granularities))  # validation: the finest
+        self.finest_steps = int(stage.get("finest_steps") or 0)
+        if self.finest_steps < 0:
+            raise ValueError(f"stage.finest_steps={self.finest_steps}: give a number of steps, 0 or more")
+
+    def train_level(self) -> int:
+        """The level this optimizer step trains: the finest for ``stage.finest_steps``, then in turn."""
+        if self.global_step < self.finest_steps:
+            return -1
+        return self.levels[(self.global_step - self.finest_steps) % len(self.levels)]
 
     def answer_output(self, batch: dict, split: str) -> CoreOutput:
         """The core's forward at the stage's level for this step (the finest unless ``stage.granularity``).
 
         Its answer CE and mean visual token count are logged under ``<split>/``.
         """
-        level = self.levels[self.global_step % len(self.levels)] if split == "train" else self.level
+        level = self.train_level() if split == "train" else self.level
         out = self.core(batch, level=level)
         size = self.batch_size(batch)
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size)
