@@ -58,7 +58,7 @@ class PretrainStage(StageModule):
         return self.levels[(self.global_step - self.finest_steps) % len(self.levels)]
 
     def answer_output(self, batch: dict, split: str) -> CoreOutput:
-        """The core's forward at the stage's level for this step (the finest unless ``stage.granularity``).
+        """The core's forward at this training step's level (:meth:`train_level`), or the validation level.
 
         Its answer CE and mean visual token count are logged under ``<split>/``.
         """
